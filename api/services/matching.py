@@ -1,0 +1,102 @@
+"""Similarity scores, calibrated thresholds and vectorised 1:N search.
+
+Descriptors are unit vectors. ``distance`` is their Euclidean distance (0..2) and ``similarity`` is
+``1 - distance**2 / 4`` = ``(1 + cosine) / 2``: in [0, 1], higher = more alike, a monotone function of
+distance. Thresholds are in similarity units.
+
+1:1 and 1:N need different thresholds: an impostor probe is compared with every enrolled user, so the
+chance that it matches *someone* grows with the gallery (FPIR ~ N x FMR). The identification threshold
+is therefore the similarity whose per-comparison false-match rate is ``target_fpir / N``, read from the
+impostor score distribution measured on LFW pairsDevTrain (``resources/calibration.json``, written by
+``python -m tools.eval_lfw --calibrate``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def similarity_from_cosine(cosine: np.ndarray | float) -> np.ndarray | float:
+    return (1.0 + np.clip(cosine, -1.0, 1.0)) / 2.0
+
+
+def distance_from_similarity(similarity: np.ndarray | float) -> np.ndarray | float:
+    return np.sqrt(np.clip(4.0 * (1.0 - np.asarray(similarity)), 0.0, 4.0))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The impostor similarity at each false-match rate, and the targets the defaults follow."""
+
+    model_id: str
+    fmr: np.ndarray  # ascending, e.g. 1e-6 .. 1e-1
+    similarity: np.ndarray  # same length: similarity exceeded by that fraction of impostor comparisons
+    compare_fmr: float = 1e-3
+    identify_fpir: float = 0.01
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        data = json.loads(Path(path).read_text())
+        table = data["impostor_tail"]
+        return cls(
+            model_id=data["model_id"],
+            fmr=np.asarray(table["fmr"], np.float64),
+            similarity=np.asarray(table["similarity"], np.float64),
+            compare_fmr=float(data["compare_fmr"]),
+            identify_fpir=float(data["identify_fpir"]),
+            source=data.get("source", ""),
+        )
+
+    def threshold_at_fmr(self, fmr: float) -> float:
+        """Similarity threshold whose false-match rate per comparison is ``fmr`` (log-interpolated)."""
+        log_fmr = np.log10(np.clip(fmr, self.fmr[0], self.fmr[-1]))
+        # similarity falls as FMR rises: interpolate on ascending log FMR.
+        return float(np.interp(log_fmr, np.log10(self.fmr), self.similarity))
+
+    @property
+    def compare_threshold(self) -> float:
+        return self.threshold_at_fmr(self.compare_fmr)
+
+    def identify_threshold(self, gallery_users: int) -> float:
+        """Stricter as the gallery grows, never looser than the 1:1 threshold."""
+        per_comparison = self.identify_fpir / max(gallery_users, 1)
+        return max(self.threshold_at_fmr(per_comparison), self.compare_threshold)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    index: int  # the user's position in the gallery
+    similarity: float
+
+    @property
+    def distance(self) -> float:
+        return float(distance_from_similarity(self.similarity))
+
+
+def user_scores(
+    gallery_embeddings: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray
+) -> np.ndarray:
+    """Similarity of ``probe`` to every user: the best over that user's stored faces (one matrix product).
+
+    Best-of-faces measured better than comparing with each user's mean descriptor on LFW (see README).
+    """
+    if n_users == 0:
+        return np.zeros(0, np.float64)
+    cosines = gallery_embeddings @ probe.astype(np.float32)
+    best = np.full(n_users, -1.0, np.float32)
+    np.maximum.at(best, owner, cosines)
+    return np.asarray(similarity_from_cosine(best.astype(np.float64)))
+
+
+def top_candidates(scores: np.ndarray, top_k: int) -> list[Candidate]:
+    if scores.size == 0 or top_k <= 0:
+        return []
+    k = min(top_k, scores.size)
+    best = np.argpartition(-scores, k - 1)[:k]
+    best = best[np.argsort(-scores[best], kind="stable")]
+    return [Candidate(int(i), float(scores[i])) for i in best]

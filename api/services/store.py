@@ -1,0 +1,716 @@
+"""Embedding store: users and their face descriptors in one ``.npz`` file shared by several processes.
+
+Routers depend on the :class:`FaceStore` protocol only; :class:`NpzFaceStore` is the file-backed
+implementation. Another backend (a database, an encrypted file) implements the same protocol.
+
+File layout (``numpy.savez``, uncompressed, always read with ``allow_pickle=False``):
+
+``format_version``
+    int64 scalar, :data:`FORMAT_VERSION`. Files of another format version are refused, not guessed at.
+``version``
+    int64 scalar, the store's counter; every write stores the previous value + 1.
+``meta``
+    uint8 array holding UTF-8 JSON: ``{"models": [{"id", "dim"}, ...], "users": [{"id", "name",
+    "model_id", "created_at", "updated_at", "faces"}, ...]}``, users in (created_at, id) order,
+    timestamps ISO 8601 in UTC. JSON in bytes rather than numpy unicode arrays because numpy strips
+    trailing NUL characters from ``<U`` strings and names are free text.
+``emb_<i>``
+    float32 (rows, dim) for ``models[i]``: the descriptors of that model's users, user after user in
+    ``users`` order, ``faces`` rows each.
+
+Concurrency: every write is a read-modify-write under an exclusive ``<file>.lock`` (``filelock``) and
+replaces the file atomically (temporary file in the same folder, fsync, ``os.replace``, fsync of the
+folder), so readers never see a partial file and a killed writer leaves the previous file intact.
+Reads are served from memory after an ``os.stat`` that notices when another process replaced the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+import filelock
+import numpy as np
+
+from api.errors import ModelMismatchError, StoreCorruptError, StoreLockTimeoutError, UserNotFoundError
+
+FORMAT_VERSION = 1
+DEFAULT_STORE_NAME = "face_database.npz"
+
+_T = TypeVar("_T")
+_TMP_SUFFIX = ".tmp"
+_USER_KEYS = frozenset({"id", "name", "model_id", "created_at", "updated_at", "faces"})
+_MODEL_KEYS = frozenset({"id", "dim"})
+# A zip archive starts with a local file header, or with the end-of-directory record when empty.
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """One registered person. ``faces`` is the number of descriptors stored for them."""
+
+    id: str
+    name: str
+    model_id: str
+    created_at: datetime
+    updated_at: datetime
+    faces: int
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
+class Gallery:
+    """Snapshot of all descriptors of one model, stacked for a single matrix product.
+
+    Row ``r`` of ``embeddings`` belongs to user ``user_ids[owner[r]]`` called ``names[owner[r]]``.
+    The arrays are read-only and never change: a write makes the store build a new snapshot, so a
+    search that holds one keeps a consistent view. An empty gallery has ``embeddings`` of shape (0, 0).
+    """
+
+    model_id: str
+    version: int
+    embeddings: np.ndarray  # (N, d) float32
+    owner: np.ndarray  # (N,) int32, index into user_ids / names
+    user_ids: tuple[str, ...]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+class FaceStore(Protocol):
+    """What routers and services may use. Unknown ids raise ``UserNotFoundError``; descriptors of another
+    model or dimension than the user's (or than the store holds for that model) ``ModelMismatchError``."""
+
+    def add_user(self, name: str, embeddings: np.ndarray, model_id: str) -> UserRecord: ...
+
+    def add_faces(self, user_id: str, embeddings: np.ndarray, model_id: str) -> UserRecord: ...
+
+    def rename(self, user_id: str, name: str) -> UserRecord: ...
+
+    def delete(self, user_id: str) -> None: ...
+
+    def get(self, user_id: str) -> UserRecord: ...
+
+    def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]: ...
+
+    def count(self) -> int: ...
+
+    def embeddings_of(self, user_id: str) -> np.ndarray: ...
+
+    def gallery(self, model_id: str) -> Gallery: ...
+
+
+# --- in-memory state ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    record: UserRecord
+    embeddings: np.ndarray  # (faces, dim) float32, read-only
+
+    @cached_property
+    def meta_json(self) -> str:
+        """This user's entry in the file's ``meta.users``. Cached because every write serialises every user
+        and formatting thousands of timestamps would otherwise dominate the cost of a write."""
+        r = self.record
+        fields = {
+            "id": r.id,
+            "name": r.name,
+            "model_id": r.model_id,
+            "created_at": r.created_at.isoformat(),
+            "updated_at": r.updated_at.isoformat(),
+            "faces": r.faces,
+        }
+        return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class _State:
+    """Immutable: a write builds a new state, so readers holding the old one are never disturbed."""
+
+    version: int
+    users: Mapping[str, _Entry]  # insertion order == (created_at, id) order
+    records: tuple[UserRecord, ...]  # the same order, for paging without re-sorting
+    dims: Mapping[str, int]  # model id -> descriptor dimension
+
+    @staticmethod
+    def build(version: int, entries: Iterable[_Entry]) -> _State:
+        # Sorting on every write is linear in practice: Timsort on an already sorted list plus one item.
+        ordered = sorted(entries, key=lambda e: (e.record.created_at, e.record.id))
+        dims: dict[str, int] = {}
+        for entry in ordered:
+            dims.setdefault(entry.record.model_id, int(entry.embeddings.shape[1]))
+        return _State(
+            version=version,
+            users={e.record.id: e for e in ordered},
+            records=tuple(e.record for e in ordered),
+            dims=dims,
+        )
+
+
+_EMPTY = _State.build(0, ())
+
+
+class _Sig(NamedTuple):
+    """What ``os.stat`` tells about the file: a replacement changes the inode, and our writers also force
+    the mtime strictly forward, so a changed file gives a changed signature."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+
+def _sig_of(st: os.stat_result) -> _Sig:
+    return _Sig(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+# --- (de)serialisation: the only place that sees the file's bytes -----------------------------------------
+
+
+class _FormatError(Exception):
+    """The bytes are not a store of this format; the caller turns it into ``StoreCorruptError``."""
+
+
+def _serialize(state: _State) -> bytes:
+    """State -> file bytes. An encryption-at-rest layer wraps this and :func:`_deserialize`, nothing else."""
+    models = sorted(state.dims)
+    model_json = json.dumps(
+        [{"id": m, "dim": state.dims[m]} for m in models], ensure_ascii=False, separators=(",", ":")
+    )
+    users_json = ",".join(e.meta_json for e in state.users.values())
+    text = f'{{"models":{model_json},"users":[{users_json}]}}'
+    arrays: dict[str, np.ndarray] = {
+        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "version": np.array(state.version, dtype=np.int64),
+        "meta": np.frombuffer(text.encode("utf-8"), dtype=np.uint8),
+    }
+    for i, model_id in enumerate(models):
+        blocks = [e.embeddings for e in state.users.values() if e.record.model_id == model_id]
+        arrays[f"emb_{i}"] = np.concatenate(blocks, axis=0).astype(np.float32, copy=False)
+    buffer = io.BytesIO()
+    # Uncompressed: faster, and a deleted user's descriptors could not hide in a compressed stream anyway
+    # since the whole file is rewritten. allow_pickle=False makes an object array a bug, not a pickle.
+    np.savez(buffer, allow_pickle=False, **arrays)
+    return buffer.getvalue()
+
+
+def _deserialize(data: bytes) -> _State:
+    """File bytes -> state, checking everything: any inconsistency raises ``_FormatError``."""
+    if not data:
+        raise _FormatError("the file is empty")
+    if not data.startswith(_ZIP_MAGICS):
+        raise _FormatError("not an .npz (zip) archive")
+    try:
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise _FormatError("not an .npz archive")
+        with loaded:
+            arrays = {key: loaded[key] for key in loaded.files}
+    except _FormatError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        # Truncated archives, bad CRCs, pickled object arrays (refused by allow_pickle=False), ...
+        raise _FormatError(f"unreadable archive: {exc}") from exc
+    return _state_from_arrays(arrays)
+
+
+def _state_from_arrays(arrays: Mapping[str, np.ndarray]) -> _State:
+    # The format version is checked before anything else so that a newer file gets the right message.
+    if "format_version" not in arrays:
+        raise _FormatError("no 'format_version' array")
+    format_version = _int_scalar(arrays, "format_version")
+    if format_version != FORMAT_VERSION:
+        raise _FormatError(
+            f"format version {format_version} is not supported (this code reads {FORMAT_VERSION})"
+        )
+    for key in ("version", "meta"):
+        if key not in arrays:
+            raise _FormatError(f"no {key!r} array")
+    version = _int_scalar(arrays, "version")
+    if version < 0:
+        raise _FormatError(f"negative version {version}")
+
+    meta_array = arrays["meta"]
+    if meta_array.dtype != np.uint8 or meta_array.ndim != 1:
+        raise _FormatError("'meta' must be a 1-D uint8 array")
+    try:
+        meta = json.loads(meta_array.tobytes().decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _FormatError(f"'meta' is not UTF-8 JSON: {exc}") from exc
+    if not isinstance(meta, dict) or set(meta) != {"models", "users"}:
+        raise _FormatError("'meta' must be an object with exactly 'models' and 'users'")
+    if not isinstance(meta["models"], list) or not isinstance(meta["users"], list):
+        raise _FormatError("'meta.models' and 'meta.users' must be lists")
+
+    dims: dict[str, int] = {}
+    for model in meta["models"]:
+        if not isinstance(model, dict) or set(model) != _MODEL_KEYS:
+            raise _FormatError(f"malformed model entry {model!r}")
+        model_id, dim = model["id"], model["dim"]
+        if not isinstance(model_id, str) or not model_id or model_id in dims:
+            raise _FormatError(f"bad or duplicate model id {model_id!r}")
+        if not _is_int(dim) or dim < 1:
+            raise _FormatError(f"bad dimension {dim!r} for model {model_id!r}")
+        dims[model_id] = dim
+    model_index = {m: i for i, m in enumerate(dims)}
+
+    expected = {"format_version", "version", "meta"} | {f"emb_{i}" for i in range(len(dims))}
+    if set(arrays) != expected:
+        missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
+        raise _FormatError(f"arrays do not match 'meta' (missing {missing}, unexpected {extra})")
+
+    matrices: list[np.ndarray] = []
+    for i, (model_id, dim) in enumerate(dims.items()):
+        matrix = arrays[f"emb_{i}"]
+        if matrix.dtype != np.float32 or matrix.ndim != 2 or matrix.shape[1] != dim:
+            raise _FormatError(f"'emb_{i}' must be float32 (rows, {dim}) for model {model_id!r}")
+        if not np.isfinite(matrix).all():
+            raise _FormatError(f"'emb_{i}' holds NaN or infinite values")
+        matrix.setflags(write=False)  # entries are views into it; nobody may write through them
+        matrices.append(matrix)
+
+    offsets = [0] * len(dims)
+    seen: set[str] = set()
+    entries: list[_Entry] = []
+    for user in meta["users"]:
+        record = _record_from_json(user, dims)
+        if record.id in seen:
+            raise _FormatError(f"duplicate user id {record.id!r}")
+        seen.add(record.id)
+        i = model_index[record.model_id]
+        start, stop = offsets[i], offsets[i] + record.faces
+        if stop > matrices[i].shape[0]:
+            raise _FormatError(f"'emb_{i}' has fewer rows than its users' face counts")
+        offsets[i] = stop
+        entries.append(_Entry(record, matrices[i][start:stop]))
+    for i, (model_id, matrix) in enumerate(zip(dims, matrices, strict=True)):
+        if offsets[i] != matrix.shape[0]:
+            raise _FormatError(f"'emb_{i}' has {matrix.shape[0]} rows, its users {offsets[i]} faces")
+        if offsets[i] == 0:
+            raise _FormatError(f"model {model_id!r} has no users")
+    return _State.build(version, entries)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_scalar(arrays: Mapping[str, np.ndarray], key: str) -> int:
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind not in "iu":
+        raise _FormatError(f"{key!r} must be an integer scalar")
+    return int(value)
+
+
+def _record_from_json(user: Any, dims: Mapping[str, int]) -> UserRecord:
+    if not isinstance(user, dict) or set(user) != _USER_KEYS:
+        raise _FormatError(f"malformed user entry {str(user)[:200]}")
+    user_id, name, model_id, faces = user["id"], user["name"], user["model_id"], user["faces"]
+    if not isinstance(user_id, str) or not user_id:
+        raise _FormatError(f"bad user id {user_id!r}")
+    if not isinstance(name, str):
+        raise _FormatError(f"bad name for user {user_id!r}")
+    if model_id not in dims:
+        raise _FormatError(f"user {user_id!r} has unknown model {model_id!r}")
+    if not _is_int(faces) or faces < 1:
+        raise _FormatError(f"bad face count {faces!r} for user {user_id!r}")
+    return UserRecord(
+        id=user_id,
+        name=name,
+        model_id=model_id,
+        created_at=_parse_time(user["created_at"], user_id),
+        updated_at=_parse_time(user["updated_at"], user_id),
+        faces=faces,
+    )
+
+
+def _parse_time(value: object, user_id: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.utcoffset() is None:
+        raise _FormatError(f"bad timestamp {value!r} for user {user_id!r}")
+    return parsed.astimezone(UTC)
+
+
+# --- input checks ----------------------------------------------------------------------------------------
+
+
+def _checked_embeddings(embeddings: np.ndarray) -> np.ndarray:
+    array = np.asarray(embeddings)
+    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
+        raise ValueError(f"embeddings must have shape (n >= 1, d >= 1), got {array.shape}")
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"embeddings must be numeric, got dtype {array.dtype}")
+    # A private copy: the caller may reuse its buffer, and the store hands out read-only views of this one.
+    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
+        copy = np.array(array, dtype=np.float32, order="C", copy=True)
+    if not np.isfinite(copy).all():
+        raise ValueError("embeddings contain NaN or infinite values (or values beyond float32)")
+    copy.setflags(write=False)
+    return copy
+
+
+def _checked_text(value: str, what: str, *, allow_empty: bool) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value and not allow_empty:
+        raise ValueError(f"{what} must not be empty")
+    try:
+        value.encode("utf-8")  # lone surrogates would only fail later, at serialisation
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text") from exc
+    return value
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # Makes the rename itself durable. Some filesystems cannot fsync a folder; the data file is already
+    # synced then and there is nothing better to do.
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the file-backed store -------------------------------------------------------------------------------
+
+
+class NpzFaceStore:
+    """:class:`FaceStore` in one ``.npz`` file, safe for several threads and processes.
+
+    A missing file is an empty store, created by the first write. A corrupt file raises
+    ``StoreCorruptError`` here, in the constructor, and is never written over. Deleting a user rewrites
+    the whole file without them; the old file's disk blocks are released to the filesystem, not scrubbed
+    (encryption at rest is the remedy for that, see :func:`_serialize`).
+    """
+
+    def __init__(self, path: Path, lock_timeout_s: float = 30.0) -> None:
+        if lock_timeout_s < 0:
+            raise ValueError("lock_timeout_s must be >= 0")
+        self._path = Path(path)
+        self._lock_timeout_s = float(lock_timeout_s)
+        self._lock_pid = os.getpid()
+        self._file_lock = self._new_file_lock()
+        # Serialises this process's writers before they queue on the file lock, so that readers, which
+        # take only _cache_lock, never wait behind another process's lock.
+        self._write_mutex = threading.Lock()
+        self._cache_lock = threading.RLock()
+        self._state: _State = _EMPTY
+        self._sig: _Sig | None = None
+        self._digest: bytes | None = None
+        self._galleries: dict[str, Gallery] = {}
+        with self._cache_lock:
+            self._reload_locked()
+        self._remove_leftover_temp_files()
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    # --- reads ------------------------------------------------------------------------------------------
+
+    def get(self, user_id: str) -> UserRecord:
+        return self._entry(self._current(), user_id).record
+
+    def embeddings_of(self, user_id: str) -> np.ndarray:
+        """The user's descriptors, (faces, d) float32, read-only."""
+        return self._entry(self._current(), user_id).embeddings
+
+    def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]:
+        """A page of users in (created_at, id) order, and the total number of users."""
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError("offset and limit must be >= 0")
+        records = self._current().records
+        stop = len(records) if limit is None else offset + limit
+        return list(records[offset:stop]), len(records)
+
+    def count(self) -> int:
+        return len(self._current().users)
+
+    def gallery(self, model_id: str) -> Gallery:
+        """All descriptors of ``model_id``; the same object is returned until the store changes."""
+        with self._cache_lock:
+            state = self._current()
+            gallery = self._galleries.get(model_id)
+            if gallery is None:
+                gallery = self._build_gallery(state, model_id)
+                self._galleries[model_id] = gallery
+            return gallery
+
+    # --- writes -----------------------------------------------------------------------------------------
+
+    def add_user(self, name: str, embeddings: np.ndarray, model_id: str) -> UserRecord:
+        name = _checked_text(name, "name", allow_empty=True)
+        model_id = _checked_text(model_id, "model_id", allow_empty=False)
+        faces = _checked_embeddings(embeddings)
+
+        def apply(state: _State) -> tuple[_State, UserRecord]:
+            self._check_dimension(state, model_id, faces.shape[1])
+            user_id = uuid.uuid4().hex
+            while user_id in state.users:  # practically never; ids must be unique all the same
+                user_id = uuid.uuid4().hex
+            now = _now()
+            record = UserRecord(user_id, name, model_id, now, now, int(faces.shape[0]))
+            return _State.build(state.version + 1, [*state.users.values(), _Entry(record, faces)]), record
+
+        return self._write(apply)
+
+    def add_faces(self, user_id: str, embeddings: np.ndarray, model_id: str) -> UserRecord:
+        model_id = _checked_text(model_id, "model_id", allow_empty=False)
+        faces = _checked_embeddings(embeddings)
+
+        def apply(state: _State) -> tuple[_State, UserRecord]:
+            entry = self._entry(state, user_id)
+            if entry.record.model_id != model_id:
+                raise ModelMismatchError(
+                    f"User {user_id} was registered with model {entry.record.model_id!r}, "
+                    f"not {model_id!r}; re-register them to use the new model",
+                    user_id=user_id,
+                    expected_model=entry.record.model_id,
+                    got_model=model_id,
+                )
+            self._check_dimension(state, model_id, faces.shape[1])
+            stacked = np.concatenate([entry.embeddings, faces], axis=0)
+            stacked.setflags(write=False)
+            record = replace(entry.record, faces=int(stacked.shape[0]), updated_at=_now())
+            return self._replaced(state, _Entry(record, stacked)), record
+
+        return self._write(apply)
+
+    def rename(self, user_id: str, name: str) -> UserRecord:
+        name = _checked_text(name, "name", allow_empty=True)
+
+        def apply(state: _State) -> tuple[_State, UserRecord]:
+            entry = self._entry(state, user_id)
+            record = replace(entry.record, name=name, updated_at=_now())
+            return self._replaced(state, _Entry(record, entry.embeddings)), record
+
+        return self._write(apply)
+
+    def delete(self, user_id: str) -> None:
+        def apply(state: _State) -> tuple[_State, None]:
+            self._entry(state, user_id)
+            remaining = [e for uid, e in state.users.items() if uid != user_id]
+            return _State.build(state.version + 1, remaining), None
+
+        self._write(apply)
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _entry(state: _State, user_id: str) -> _Entry:
+        entry = state.users.get(user_id)
+        if entry is None:
+            raise UserNotFoundError(f"No user with id {user_id!r}", user_id=user_id)
+        return entry
+
+    @staticmethod
+    def _replaced(state: _State, entry: _Entry) -> _State:
+        users = dict(state.users)
+        users[entry.record.id] = entry
+        return _State.build(state.version + 1, users.values())
+
+    @staticmethod
+    def _check_dimension(state: _State, model_id: str, dim: int) -> None:
+        # One model, one dimension: the gallery of a model is a single (N, d) matrix.
+        expected = state.dims.get(model_id)
+        if expected is not None and expected != dim:
+            raise ModelMismatchError(
+                f"Descriptors of model {model_id!r} have {expected} dimensions in the store, got {dim}",
+                model_id=model_id,
+                expected_dim=expected,
+                got_dim=int(dim),
+            )
+
+    @staticmethod
+    def _build_gallery(state: _State, model_id: str) -> Gallery:
+        entries = [e for e in state.users.values() if e.record.model_id == model_id]
+        if entries:
+            embeddings = np.concatenate([e.embeddings for e in entries], axis=0)
+            counts = [e.record.faces for e in entries]
+            owner = np.repeat(np.arange(len(entries), dtype=np.int32), counts)
+        else:
+            embeddings = np.zeros((0, 0), dtype=np.float32)
+            owner = np.zeros(0, dtype=np.int32)
+        embeddings.setflags(write=False)
+        owner.setflags(write=False)
+        return Gallery(
+            model_id=model_id,
+            version=state.version,
+            embeddings=embeddings,
+            owner=owner,
+            user_ids=tuple(e.record.id for e in entries),
+            names=tuple(e.record.name for e in entries),
+        )
+
+    def _current(self) -> _State:
+        """The cached state, reloaded first if another process replaced the file (one ``os.stat``)."""
+        with self._cache_lock:
+            try:
+                sig: _Sig | None = _sig_of(os.stat(self._path))
+            except FileNotFoundError:
+                sig = None
+            if sig != self._sig:
+                self._reload_locked()
+            return self._state
+
+    def _reload_locked(self) -> None:
+        """Read the whole file and install it unless its bytes are the ones cached. Caller holds _cache_lock.
+
+        Signature and bytes come from the same open file, so a concurrent replacement cannot pair the
+        signature of one file with the content of another.
+        """
+        try:
+            with open(self._path, "rb") as handle:
+                sig: _Sig | None = _sig_of(os.fstat(handle.fileno()))
+                data: bytes | None = handle.read()
+        except FileNotFoundError:
+            sig, data = None, None
+        if data is None:
+            self._install(_EMPTY, None, None)
+            return
+        digest = _digest(data)
+        if digest == self._digest:
+            self._sig = sig  # same content under a new signature (e.g. touched): keep caches
+            return
+        try:
+            state = _deserialize(data)
+        except _FormatError as exc:
+            raise StoreCorruptError(
+                f"Face store {self._path} is corrupt or unreadable: {exc}. It was left untouched; restore "
+                f"it from a backup, or move it away to start with an empty store.",
+                path=str(self._path),
+            ) from exc
+        self._install(state, sig, digest)
+
+    def _install(self, state: _State, sig: _Sig | None, digest: bytes | None) -> None:
+        self._state, self._sig, self._digest = state, sig, digest
+        self._galleries = {}
+
+    def _write(self, apply: Callable[[_State], tuple[_State, _T]]) -> _T:
+        """Read-modify-write under the file lock; the cache changes only after the file is replaced."""
+        deadline = time.monotonic() + self._lock_timeout_s
+        if not self._write_mutex.acquire(timeout=self._lock_timeout_s):
+            raise self._lock_timeout()
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            file_lock = self._lock_of_this_process()
+            try:
+                file_lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
+            except filelock.Timeout as exc:
+                raise self._lock_timeout() from exc
+            try:
+                with self._cache_lock:
+                    # Always the full file, not just os.stat: a write based on a stale state would silently
+                    # undo another process's write, and stat can miss a change on filesystems with coarse
+                    # timestamps that also reuse inode numbers. Reading is cheap next to rewriting the file.
+                    self._reload_locked()
+                    state, previous = self._state, self._sig
+                new_state, result = apply(state)
+                data = _serialize(new_state)
+                sig = self._replace_file(data, previous)
+                with self._cache_lock:
+                    self._install(new_state, sig, _digest(data))
+                return result
+            finally:
+                file_lock.release()
+        finally:
+            self._write_mutex.release()
+
+    def _new_file_lock(self) -> filelock.BaseFileLock:
+        self._lock_pid = os.getpid()
+        # filelock polls a non-blocking flock; its default 50 ms interval lets a process that writes often
+        # win nearly every round against a waiting one, 5 ms keeps waits short at a negligible cost.
+        return filelock.FileLock(f"{self._path}.lock", poll_interval=0.005)
+
+    def _lock_of_this_process(self) -> filelock.BaseFileLock:
+        # filelock refuses a lock object inherited across fork (a pre-forking server that built the store
+        # before forking its workers); each process gets its own.
+        if self._lock_pid != os.getpid():
+            self._file_lock = self._new_file_lock()
+        return self._file_lock
+
+    def _lock_timeout(self) -> StoreLockTimeoutError:
+        return StoreLockTimeoutError(
+            f"Face store {self._path} is busy: no write lock within {self._lock_timeout_s:g} s",
+            path=str(self._path),
+        )
+
+    def _replace_file(self, data: bytes, previous: _Sig | None) -> _Sig:
+        """Atomically make ``data`` the file's content. Caller holds the file lock."""
+        directory = self._path.parent
+        # mkstemp creates the file with mode 0600: descriptors are biometric data.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self._path.name}.", suffix=_TMP_SUFFIX, dir=directory)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            # Readers detect a replacement by (dev, inode, size, mtime_ns). Inode numbers are reused and
+            # clocks tick coarsely, so push the mtime strictly past the previous file's.
+            mtime_ns = time.time_ns()
+            if previous is not None:
+                mtime_ns = max(mtime_ns, previous.mtime_ns + 1)
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+            os.replace(tmp, self._path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_directory(directory)
+        return _sig_of(os.stat(self._path))
+
+    def _remove_leftover_temp_files(self) -> None:
+        """Delete temporary files of writers that died mid-write. Only under the file lock, because a live
+        writer's temporary file exists only while it holds the lock; when the lock is busy (or cannot be
+        created on a read-only folder) they are left for the next start: nothing ever reads them."""
+        file_lock = self._lock_of_this_process()
+        try:
+            file_lock.acquire(timeout=0)
+        except (filelock.Timeout, OSError):
+            return
+        try:
+            prefix = f".{self._path.name}."
+            with os.scandir(self._path.parent) as entries:
+                for entry in entries:
+                    if (
+                        entry.name.startswith(prefix)
+                        and entry.name.endswith(_TMP_SUFFIX)
+                        and entry.is_file(follow_symlinks=False)
+                    ):
+                        with contextlib.suppress(OSError):
+                            os.unlink(entry.path)
+        except OSError:
+            pass
+        finally:
+            file_lock.release()

