@@ -324,7 +324,8 @@ def identification(args: argparse.Namespace) -> None:
     lines = [
         f"Command: `python -m tools.eval_lfw {' '.join(args.raw)}`",
         "",
-        f"Gallery: {len(enrolled)} people x 2 photos; probes: their 3rd photo and {len(strangers)} non-enrolled people.",
+        f"Gallery: {len(enrolled)} people x 2 photos; probes: their 3rd photo "
+        f"and {len(strangers)} non-enrolled people.",
         "",
         "| matching | threshold | TPIR (correct, above threshold) | FPIR (impostor matched) | probe failures |",
         "|---|---|---|---|---|",
