@@ -1,0 +1,1 @@
+"""One thin router per feature: parse the request, call a service, shape the response."""

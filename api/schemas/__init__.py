@@ -1,0 +1,1 @@
+"""Pydantic request and response models: the JSON contract that clients rely on."""

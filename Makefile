@@ -1,0 +1,49 @@
+# Two commands on a fresh machine with Python 3.11+:  `make run`  and  `make test`.
+# Each creates .venv, installs the pinned requirements, fetches/builds the model files, then serves or tests.
+# A second run reinstalls nothing: the stamps below change only when a requirements file does.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Offline mirror of the anti-spoofing weights; development machines here keep one beside the checkout.
+export FACE_MODELS_MIRROR ?= $(abspath $(wildcard ../shared/models))
+PIP := $(PY) -m pip install --disable-pip-version-check --quiet
+
+RUNTIME_STAMP := $(VENV)/.runtime-installed
+DEV_STAMP := $(VENV)/.dev-installed
+
+.PHONY: run test test-long models lint clean-venv
+
+run: models
+	$(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+
+test: models $(DEV_STAMP)
+	$(PY) -m pytest
+
+# The long variants (many fuzz cases, 50+ crash kills); see README.
+test-long: models $(DEV_STAMP)
+	$(PY) -m pytest -m "slow or not slow"
+
+models: $(RUNTIME_STAMP)
+	$(PY) -m tools.fetch_models
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check api tools tests
+
+$(VENV)/bin/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python 3.11+ is needed"'
+	$(PYTHON) -m venv $(VENV)
+
+$(RUNTIME_STAMP): requirements.txt | $(VENV)/bin/python
+	$(PIP) --upgrade pip
+	$(PIP) -r requirements.txt
+	touch $@
+
+$(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+clean-venv:
+	rm -rf $(VENV)

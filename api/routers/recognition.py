@@ -1,0 +1,107 @@
+"""Register people, identify a face among them (1:N) and compare two faces (1:1)."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile, status
+
+from api.deps import RecognitionDep, RunnerDep, SettingsDep, read_upload, read_uploads
+from api.routers._convert import face_box, register_result
+from api.schemas.common import error_responses
+from api.schemas.recognition import CompareResult, MatchCandidate, UserRef, VerifyResult
+from api.schemas.users import RegisterResult
+
+router = APIRouter(prefix="/api", tags=["recognition"])
+
+LivenessFlag = Annotated[
+    bool | None,
+    Form(description="Reject photos and screen replays (422 SPOOF_DETECTED); default: FACE_REQUIRE_LIVENESS"),
+]
+ThresholdField = Annotated[
+    float | None, Form(ge=0.0, le=1.0, description="Similarity threshold in [0, 1]; default: calibrated value")
+]
+
+
+@router.post(
+    "/register",
+    status_code=status.HTTP_201_CREATED,
+    response_model=RegisterResult,
+    summary="Register a person from one or more photos",
+    description="Each photo must hold exactly one usable face, all of the same person. Photos that fail are "
+    "listed in `rejected`; if none is usable the request fails with 422. A face that already matches a "
+    "registered user gives 409 DUPLICATE_FACE unless `allow_duplicate=true`.",
+    responses=error_responses(401, 403, 409, 413, 415, 422, 429, 503),
+)
+async def register(
+    recognition: RecognitionDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    name: Annotated[str, Form(min_length=1, max_length=200, examples=["Ada Lovelace"])],
+    files: Annotated[list[UploadFile], File(description="One or more face photos (repeat the field)")],
+    allow_duplicate: Annotated[bool, Form()] = False,
+    liveness: LivenessFlag = None,
+) -> RegisterResult:
+    uploads = await read_uploads(files, settings)
+    check = settings.require_liveness if liveness is None else liveness
+    outcome = await runner.run(recognition.register, name, uploads, allow_duplicate, check)
+    return register_result(outcome)
+
+
+@router.post(
+    "/verify",
+    response_model=VerifyResult,
+    summary="Identify the largest face among all registered users (1:N)",
+    description="An empty gallery answers `verified: false`. The default threshold grows with the number of "
+    "registered users so that the chance of matching a stranger to someone stays near 1%.",
+    responses=error_responses(401, 403, 413, 415, 422, 429, 503),
+)
+async def verify(
+    recognition: RecognitionDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="A photo with the face to identify")],
+    threshold: ThresholdField = None,
+    top_k: Annotated[int, Form(ge=1, le=100, description="How many candidates to list")] = 5,
+    liveness: LivenessFlag = None,
+) -> VerifyResult:
+    upload = await read_upload(file, settings)
+    check = settings.require_liveness if liveness is None else liveness
+    outcome = await runner.run(recognition.verify, upload, threshold, top_k, check)
+    best = outcome.best
+    return VerifyResult(
+        verified=outcome.verified,
+        user=UserRef(id=best.user_id, name=best.name) if best is not None and outcome.verified else None,
+        similarity=None if best is None else round(best.similarity, 6),
+        distance=None if best is None else round(best.distance, 6),
+        threshold=round(outcome.threshold, 6),
+        candidates=[
+            MatchCandidate(id=c.user_id, name=c.name, similarity=round(c.similarity, 6), distance=round(c.distance, 6))
+            for c in outcome.candidates
+        ],
+        face=face_box(outcome.face),
+    )
+
+
+@router.post(
+    "/compare",
+    response_model=CompareResult,
+    summary="Compare the largest faces of two photos (1:1)",
+    responses=error_responses(401, 403, 413, 415, 422, 429, 503),
+)
+async def compare(
+    recognition: RecognitionDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    image1: Annotated[UploadFile, File()],
+    image2: Annotated[UploadFile, File()],
+    threshold: ThresholdField = None,
+    liveness: LivenessFlag = None,
+) -> CompareResult:
+    first, second = await read_upload(image1, settings, 1), await read_upload(image2, settings, 2)
+    check = settings.require_liveness if liveness is None else liveness
+    outcome = await runner.run(recognition.compare, first, second, threshold, check)
+    return CompareResult(
+        verified=outcome.verified,
+        similarity=round(outcome.similarity, 6),
+        distance=round(outcome.distance, 6),
+        threshold=round(outcome.threshold, 6),
+    )

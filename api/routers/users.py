@@ -1,0 +1,66 @@
+"""List, read, rename and delete registered users, and add faces to one."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
+
+from api.deps import RecognitionDep, RunnerDep, SettingsDep, StoreDep, read_uploads
+from api.routers._convert import register_result, user_of
+from api.schemas.common import error_responses
+from api.schemas.users import RegisterResult, User, UserPage, UserRename
+
+router = APIRouter(prefix="/api/users", tags=["users"])
+
+UserId = Annotated[str, Path(min_length=1, max_length=64, description="The id returned by /api/register")]
+
+
+@router.get("", response_model=UserPage, summary="List registered users", responses=error_responses(401, 403, 429))
+async def list_users(
+    store: StoreDep,
+    runner: RunnerDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> UserPage:
+    records, total = await runner.run(store.list_users, offset, limit)
+    return UserPage(items=[user_of(r) for r in records], total=total)
+
+
+@router.get("/{user_id}", response_model=User, summary="One user", responses=error_responses(401, 403, 404, 429))
+async def get_user(store: StoreDep, runner: RunnerDep, user_id: UserId) -> User:
+    return user_of(await runner.run(store.get, user_id))
+
+
+@router.patch("/{user_id}", response_model=User, summary="Rename a user", responses=error_responses(401, 403, 404, 422))
+async def rename_user(store: StoreDep, runner: RunnerDep, user_id: UserId, body: UserRename) -> User:
+    return user_of(await runner.run(store.rename, user_id, body.name))
+
+
+@router.delete(
+    "/{user_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a user and every stored descriptor of them, from memory and disk",
+    responses=error_responses(401, 403, 404, 429),
+)
+async def delete_user(store: StoreDep, runner: RunnerDep, user_id: UserId) -> Response:
+    await runner.run(store.delete, user_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{user_id}/faces",
+    response_model=RegisterResult,
+    summary="Add photos to a user (same checks as register)",
+    responses=error_responses(401, 403, 404, 409, 413, 415, 422, 429, 503),
+)
+async def add_faces(
+    recognition: RecognitionDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    user_id: UserId,
+    files: Annotated[list[UploadFile], File(description="One or more face photos of this user")],
+    allow_duplicate: Annotated[bool, Form()] = False,
+    liveness: Annotated[bool | None, Form()] = None,
+) -> RegisterResult:
+    uploads = await read_uploads(files, settings)
+    check = settings.require_liveness if liveness is None else liveness
+    return register_result(await runner.run(recognition.add_faces, user_id, uploads, allow_duplicate, check))

@@ -1,0 +1,256 @@
+"""Register, identify (1:N) and compare (1:1): the domain logic behind the recognition endpoints.
+
+Everything here is synchronous and CPU-bound; routers run it in the inference thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from api.config import Settings
+from api.errors import (
+    DuplicateFaceError,
+    FaceServiceError,
+    InconsistentFacesError,
+    ModelUnavailableError,
+    NoFaceError,
+    SpoofDetectedError,
+)
+from api.services.detection import DetectedFace
+from api.services.engine import FaceEngine, FaceSelection
+from api.services.imaging import decode_image
+from api.services.liveness import MiniFASNetLiveness
+from api.services.matching import (
+    Calibration,
+    Candidate,
+    distance_from_similarity,
+    similarity_from_cosine,
+    top_candidates,
+    user_scores,
+)
+from api.services.store import FaceStore, UserRecord
+
+logger = logging.getLogger(__name__)
+
+# Faces of one registration must look like one person. A wrong photo is a mistake to catch, not an
+# attack, so this check uses the looser threshold at a per-pair false-match rate of 1e-2: it rejects few
+# genuine sets while still catching a different person in the set.
+CONSISTENCY_FMR = 1e-2
+
+
+@dataclass(frozen=True)
+class ImageUpload:
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class FoundFace:
+    upload: ImageUpload
+    image: np.ndarray
+    face: DetectedFace
+
+
+@dataclass
+class RegisterOutcome:
+    user: UserRecord
+    rejected: list[tuple[str, FaceServiceError]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Match:
+    user_id: str
+    name: str
+    similarity: float
+
+    @property
+    def distance(self) -> float:
+        return float(distance_from_similarity(self.similarity))
+
+
+@dataclass(frozen=True)
+class VerifyOutcome:
+    verified: bool
+    best: Match | None
+    threshold: float
+    candidates: list[Match]
+    face: DetectedFace
+
+
+@dataclass(frozen=True)
+class CompareOutcome:
+    verified: bool
+    similarity: float
+    threshold: float
+
+    @property
+    def distance(self) -> float:
+        return float(distance_from_similarity(self.similarity))
+
+
+class RecognitionService:
+    def __init__(
+        self,
+        engine: FaceEngine,
+        store: FaceStore,
+        calibration: Calibration,
+        settings: Settings,
+        liveness: MiniFASNetLiveness | None = None,
+    ) -> None:
+        self.engine = engine
+        self.store = store
+        self.calibration = calibration
+        self.settings = settings
+        self.liveness = liveness
+        if calibration.model_id != engine.model_id:
+            logger.warning(
+                "Thresholds were calibrated for %s but the embedder is %s: set FACE_COMPARE_THRESHOLD and "
+                "FACE_IDENTIFY_THRESHOLD, or recalibrate with python -m tools.eval_lfw --calibrate",
+                calibration.model_id,
+                engine.model_id,
+            )
+
+    # --- thresholds -------------------------------------------------------------------------------------
+    @property
+    def compare_threshold(self) -> float:
+        configured = self.settings.compare_threshold
+        return configured if configured is not None else self.calibration.compare_threshold
+
+    def identify_threshold(self, gallery_users: int) -> float:
+        configured = self.settings.identify_threshold
+        return configured if configured is not None else self.calibration.identify_threshold(gallery_users)
+
+    # --- shared steps -----------------------------------------------------------------------------------
+    def find_face(self, upload: ImageUpload, selection: FaceSelection, liveness: bool) -> FoundFace:
+        image = decode_image(upload.data, self.settings.max_image_pixels)
+        face = self.engine.select_face(image, self.engine.detect(image), selection)
+        if liveness:
+            self.check_liveness(image, face)
+        return FoundFace(upload, image, face)
+
+    def check_liveness(self, image: np.ndarray, face: DetectedFace) -> None:
+        if self.liveness is None:
+            raise ModelUnavailableError(
+                "Liveness was requested but the anti-spoofing models are not loaded; run `make models` "
+                "(python -m tools.fetch_models) with network access or FACE_MODELS_MIRROR set."
+            )
+        score = float(self.liveness.real_scores(image, [face.box])[0])
+        if score < self.settings.liveness_threshold:
+            raise SpoofDetectedError(
+                "The face looks like a photo or screen replay, not a live person.",
+                real_score=round(score, 4),
+                threshold=self.settings.liveness_threshold,
+            )
+
+    def _embed_found(self, found: list[FoundFace]) -> np.ndarray:
+        chips = np.concatenate([self.engine.align(f.image, [f.face]) for f in found])
+        return self.engine.embed_chips(chips)
+
+    def _collect(
+        self, uploads: list[ImageUpload], liveness: bool
+    ) -> tuple[list[FoundFace], list[tuple[str, FaceServiceError]]]:
+        found, rejected = [], []
+        for upload in uploads:
+            try:
+                found.append(self.find_face(upload, "single", liveness))
+            except SpoofDetectedError as exc:
+                exc.details["file"] = upload.filename
+                raise  # a spoof in a registration stops it whole: nothing from it is stored
+            except FaceServiceError as exc:
+                rejected.append((upload.filename, exc))
+        if not found:
+            if len(rejected) == 1:
+                raise rejected[0][1]
+            raise NoFaceError(
+                "None of the images holds exactly one usable face.",
+                rejected=[{"file": name, "code": exc.code, "message": exc.message} for name, exc in rejected],
+            )
+        return found, rejected
+
+    def _check_consistent(self, found: list[FoundFace], embeddings: np.ndarray, reference: np.ndarray) -> None:
+        """Every new face must match the others (and the user's stored faces, when adding)."""
+        threshold = self.calibration.threshold_at_fmr(CONSISTENCY_FMR)
+        pool = np.concatenate([reference, embeddings]) if len(reference) else embeddings
+        if len(pool) < 2:
+            return
+        similarity = similarity_from_cosine(pool @ pool.T)
+        np.fill_diagonal(similarity, 1.0)
+        offset = len(reference)
+        for i in range(len(embeddings)):
+            others = np.delete(similarity[offset + i], offset + i)
+            if others.max() < threshold:
+                raise InconsistentFacesError(
+                    f"The face in {found[i].upload.filename!r} does not look like the same person as the others.",
+                    file=found[i].upload.filename,
+                    similarity=round(float(others.max()), 4),
+                    threshold=round(threshold, 4),
+                )
+
+    def _check_not_duplicate(self, embeddings: np.ndarray, except_user: str | None = None) -> None:
+        gallery = self.store.gallery(self.engine.model_id)
+        if len(gallery.user_ids) == 0:
+            return
+        threshold = self.identify_threshold(len(gallery.user_ids))
+        for embedding in embeddings:
+            scores = user_scores(gallery.embeddings, gallery.owner, len(gallery.user_ids), embedding)
+            for candidate in top_candidates(scores, 2):
+                user_id = gallery.user_ids[candidate.index]
+                if user_id != except_user and candidate.similarity >= threshold:
+                    raise DuplicateFaceError(
+                        f"This face is already registered as {gallery.names[candidate.index]!r}; "
+                        "pass allow_duplicate=true to register it anyway.",
+                        user={"id": user_id, "name": gallery.names[candidate.index]},
+                        similarity=round(candidate.similarity, 4),
+                    )
+
+    # --- use cases --------------------------------------------------------------------------------------
+    def register(self, name: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool) -> RegisterOutcome:
+        found, rejected = self._collect(uploads, liveness)
+        embeddings = self._embed_found(found)
+        self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
+        if not allow_duplicate:
+            self._check_not_duplicate(embeddings)
+        user = self.store.add_user(name, embeddings, self.engine.model_id)
+        return RegisterOutcome(user, rejected)
+
+    def add_faces(
+        self, user_id: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool
+    ) -> RegisterOutcome:
+        existing = self.store.embeddings_of(user_id)  # raises USER_NOT_FOUND before any inference
+        found, rejected = self._collect(uploads, liveness)
+        embeddings = self._embed_found(found)
+        self._check_consistent(found, embeddings, np.asarray(existing, np.float32))
+        if not allow_duplicate:
+            self._check_not_duplicate(embeddings, except_user=user_id)
+        user = self.store.add_faces(user_id, embeddings, self.engine.model_id)
+        return RegisterOutcome(user, rejected)
+
+    def verify(self, upload: ImageUpload, threshold: float | None, top_k: int, liveness: bool) -> VerifyOutcome:
+        found = self.find_face(upload, "largest", liveness)
+        embedding = self._embed_found([found])[0]
+        gallery = self.store.gallery(self.engine.model_id)
+        users = len(gallery.user_ids)
+        applied = threshold if threshold is not None else self.identify_threshold(users)
+        if users == 0:
+            return VerifyOutcome(False, None, applied, [], found.face)
+        scores = user_scores(gallery.embeddings, gallery.owner, users, embedding)
+        candidates = [self._match(gallery, c) for c in top_candidates(scores, max(top_k, 1))]
+        best = candidates[0]
+        verified = best.similarity >= applied
+        return VerifyOutcome(verified, best, applied, candidates[:top_k], found.face)
+
+    def compare(
+        self, first: ImageUpload, second: ImageUpload, threshold: float | None, liveness: bool
+    ) -> CompareOutcome:
+        faces = [self.find_face(first, "largest", liveness), self.find_face(second, "largest", liveness)]
+        embeddings = self._embed_found(faces)
+        similarity = float(similarity_from_cosine(float(embeddings[0] @ embeddings[1])))
+        applied = threshold if threshold is not None else self.compare_threshold
+        return CompareOutcome(similarity >= applied, similarity, applied)
+
+    @staticmethod
+    def _match(gallery, candidate: Candidate) -> Match:  # gallery: api.services.store.Gallery
+        return Match(gallery.user_ids[candidate.index], gallery.names[candidate.index], candidate.similarity)
