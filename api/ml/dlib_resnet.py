@@ -75,9 +75,12 @@ class _Reader:
         self.data = data
         self.pos = 0
 
+    def need(self, count: int) -> None:
+        if self.pos + count > len(self.data):
+            raise DlibFormatError(f"unexpected end of file at byte {self.pos}")
+
     def byte(self) -> int:
-        if self.pos >= len(self.data):
-            raise DlibFormatError("unexpected end of file")
+        self.need(1)
         value = self.data[self.pos]
         self.pos += 1
         return value
@@ -87,6 +90,7 @@ class _Reader:
         size = control & 0x0F
         if size > 8:
             raise DlibFormatError(f"bad integer control byte 0x{control:02x} at {self.pos - 1}")
+        self.need(size)
         magnitude = int.from_bytes(self.data[self.pos : self.pos + size], "little")
         self.pos += size
         return -magnitude if control & 0x80 else magnitude
@@ -101,9 +105,13 @@ class _Reader:
 
     def string(self) -> str:
         length = self.integer()
+        self.need(length)
         raw = self.data[self.pos : self.pos + length]
         self.pos += length
-        return raw.decode("ascii")
+        try:
+            return raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise DlibFormatError(f"non-ASCII layer name at byte {self.pos - length}") from None
 
     def boolean(self) -> bool:
         value = self.byte()
@@ -117,6 +125,9 @@ class _Reader:
             raise DlibFormatError(f"expected a tensor (version 2), got version {version} at {self.pos}")
         shape = tuple(self.integer() for _ in range(4))
         count = int(np.prod(shape))
+        if count < 0:
+            raise DlibFormatError(f"negative tensor size at byte {self.pos}")
+        self.need(4 * count)
         values = np.frombuffer(self.data, dtype="<f4", count=count, offset=self.pos).astype(np.float32)
         self.pos += 4 * count
         return values.reshape(shape)

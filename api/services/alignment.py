@@ -107,11 +107,13 @@ def _shrink_region(
     new_w, new_h = max(1, round((x1 - x0) * factor)), max(1, round((y1 - y0) * factor))
     small = cv2.resize(region, (new_w, new_h), interpolation=cv2.INTER_AREA)
     fx, fy = new_w / (x1 - x0), new_h / (y1 - y0)
-    # chip = M @ [x, y, 1] with x = x0 + u / fx, y = y0 + v / fy for the shrunken region's (u, v).
+    # chip = M @ [x, y, 1] for the shrunken region's pixel (u, v). cv2.resize aligns pixel centres, so
+    # x = x0 + (u + 0.5) / fx - 0.5 (not x0 + u / fx, which shifted chips by up to 0.35 chip px).
+    ox, oy = x0 + 0.5 / fx - 0.5, y0 + 0.5 / fy - 0.5
     adjusted = np.array(
         [
-            [matrix[0, 0] / fx, matrix[0, 1] / fy, matrix[0, 0] * x0 + matrix[0, 1] * y0 + matrix[0, 2]],
-            [matrix[1, 0] / fx, matrix[1, 1] / fy, matrix[1, 0] * x0 + matrix[1, 1] * y0 + matrix[1, 2]],
+            [matrix[0, 0] / fx, matrix[0, 1] / fy, matrix[0, 0] * ox + matrix[0, 1] * oy + matrix[0, 2]],
+            [matrix[1, 0] / fx, matrix[1, 1] / fy, matrix[1, 0] * ox + matrix[1, 1] * oy + matrix[1, 2]],
         ]
     )
     return small, adjusted

@@ -77,7 +77,10 @@ class YuNetDetector:
         if factor != 1.0:
             interpolation = cv2.INTER_AREA if factor < 1.0 else cv2.INTER_LINEAR
             work = cv2.resize(
-                image_rgb, (round(width * factor), round(height * factor)), interpolation=interpolation
+                image_rgb,
+                # at least 1 px: a 1x2000 strip would otherwise be resized to width 0 (cv2.error)
+                (max(1, round(width * factor)), max(1, round(height * factor))),
+                interpolation=interpolation,
             )
         bgr = np.ascontiguousarray(work[:, :, ::-1])
         confs, boxes, landmarks = self._yuface.detect(bgr, conf=self.confidence)

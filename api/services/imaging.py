@@ -11,11 +11,19 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from api.errors import ImageTooLargeError, InvalidImageError, UnsupportedMediaTypeError
 
 # Formats recognised from the bytes themselves (PIL's own sniffing), never from a file name or header.
-ACCEPTED_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "BMP": "image/bmp"}
+# MPO is how PIL names a JPEG carrying a multi-picture (APP2 MPF) segment, as many phone cameras write:
+# a plain JPEG to every other reader, decoded here as its first (main) picture.
+ACCEPTED_FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+}
 
-# JPEG photos larger than this on their longer side are decoded at 1/2, 1/4 or 1/8 scale by the JPEG
-# decoder itself (DCT scaling): faster and lighter, and detection works on a 640 px copy anyway.
-DECODE_TARGET_SIDE = 2048
+# Leading bytes of the accepted formats: a file that starts like one of them but that PIL cannot open is a
+# corrupt or truncated image of an accepted format (422), not a file of an unsupported type (415).
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # and RIFF....WEBP; BMP's "BM" is too short
 
 # PIL warns, then raises, past its own pixel limit; we check our configured limit before decoding instead.
 Image.MAX_IMAGE_PIXELS = None
@@ -42,6 +50,8 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+            raise InvalidImageError("The image is corrupt or truncated.") from None
         raise UnsupportedMediaTypeError(
             "The file is not an image in a supported format (JPEG, PNG, WebP or BMP)."
         ) from None
@@ -62,9 +72,6 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
                 width=width,
                 height=height,
             )
-        if image.format == "JPEG" and max(width, height) > 2 * DECODE_TARGET_SIDE:
-            scale = DECODE_TARGET_SIDE / max(width, height)
-            image.draft("RGB", (max(1, int(width * scale)), max(1, int(height * scale))))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -84,8 +91,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit samples (PNG): scale the full 0..65535 range to 0..255, as an 8-bit export of the same
+        # picture would have it (not by the image's own peak, which brightened dark pictures).
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
         peak = array.max() or 1.0
-        return Image.fromarray((array / peak * 255.0).astype(np.uint8)).convert("RGB")
+        return Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
     return image.convert("RGB")

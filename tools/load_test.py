@@ -1,0 +1,206 @@
+"""Service latency over real HTTP: start-up, verify against a large gallery, register, memory.
+
+Starts ``uvicorn api.main:app`` in a subprocess on a temporary store, seeds it with ``--users`` synthetic
+users (random unit descriptors of the configured model, 2 faces each: search cost is what is measured,
+not recognition quality), then times requests with httpx:
+
+* start-up: process start until ``/health/ready`` answers 200;
+* ``POST /api/verify`` with one 640x480 single-face photo (median and p90 of ``--requests``);
+* ``POST /api/register`` with 3 photos of one person (then deleted again);
+* ``/health/live`` while 8 verify requests are in flight;
+* the server's resident memory now and at its peak (VmRSS / VmHWM).
+
+    python -m tools.load_test --users 1000 --requests 40 --markdown reports/load.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import api  # noqa: F401  (pins thread pools before numpy loads)
+import httpx
+import numpy as np
+from PIL import Image
+
+from api.config import REPO_ROOT
+from api.services.store import NpzFaceStore
+from tools.common import FACEDATA
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def jpeg(image: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    picture = Image.fromarray(image)
+    if size:
+        picture = picture.resize(size)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def probe_photo() -> bytes:
+    """A 640x480 photo with one face: astronaut (ships with scikit-image) letterboxed to 4:3."""
+    import skimage.data
+
+    astronaut = skimage.data.astronaut()  # 512x512
+    canvas = np.full((480, 640, 3), 200, np.uint8)
+    small = np.asarray(Image.fromarray(astronaut).resize((480, 480)))
+    canvas[:, 80:560] = small
+    return jpeg(canvas)
+
+
+def register_photos() -> list[bytes]:
+    """Three photos of one person: the deepface set when ../shared is here, else astronaut variants."""
+    folder = FACEDATA / "identity" / "deepface"
+    clusters = folder / "clusters_derived.json"
+    if clusters.exists():
+        by_person: dict[str, list[str]] = json.loads(clusters.read_text())  # person -> file names
+        files = by_person[sorted(by_person)[0]][:3]
+        return [(folder / name).read_bytes() for name in files]
+    import skimage.data
+
+    astronaut = skimage.data.astronaut()
+    return [jpeg(astronaut), jpeg(astronaut[:, ::-1].copy()), jpeg(astronaut, (400, 400))]
+
+
+def seed(store_path: Path, users: int, model_id: str, dimension: int = 128) -> None:
+    store = NpzFaceStore(store_path)
+    rng = np.random.default_rng(0)
+    for number in range(users):
+        vectors = rng.normal(size=(2, dimension)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        store.add_user(f"synthetic {number}", vectors, model_id)
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def timed(call) -> tuple[float, httpx.Response]:
+    started = time.perf_counter()
+    response = call()
+    return (time.perf_counter() - started) * 1000.0, response
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    from api.config import Settings
+    from api.services.matching import Calibration
+
+    model_id = Calibration.load(Settings().resources_dir / "calibration.json").model_id
+    workdir = Path(tempfile.mkdtemp(prefix="face-load-"))
+    store_path = workdir / "store.npz"
+    started = time.perf_counter()
+    seed(store_path, args.users, model_id)
+    print(f"seeded {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
+
+    port = free_port()
+    env = dict(os.environ, FACE_STORE_PATH=str(store_path))
+    launched = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    results: dict[str, float | int | str] = {"users": args.users}
+    try:
+        with httpx.Client(base_url=base, timeout=60.0) as client:
+            while True:
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.perf_counter() - launched > 180:
+                    raise SystemExit("server not ready after 180 s")
+                time.sleep(0.1)
+            results["startup_to_ready_s"] = round(time.perf_counter() - launched, 2)
+
+            photo = probe_photo()
+            verify_ms = []
+            for _ in range(args.requests):
+                elapsed, response = timed(lambda: client.post("/api/verify", files={"file": ("p.jpg", photo)}))
+                response.raise_for_status()
+                verify_ms.append(elapsed)
+            results["verify_p50_ms"] = round(statistics.median(verify_ms), 1)
+            results["verify_p90_ms"] = round(float(np.percentile(verify_ms, 90)), 1)
+
+            photos = register_photos()
+            register_ms = []
+            for _ in range(max(3, args.requests // 8)):
+                files = [("files", (f"{i}.jpg", data)) for i, data in enumerate(photos)]
+                elapsed, response = timed(
+                    lambda files=files: client.post(
+                        "/api/register", data={"name": "load test", "allow_duplicate": "true"}, files=files
+                    )
+                )
+                response.raise_for_status()
+                register_ms.append(elapsed)
+                client.delete(f"/api/users/{response.json()['user']['id']}")
+            results["register_3_photos_p50_ms"] = round(statistics.median(register_ms), 1)
+
+            with ThreadPoolExecutor(8) as pool:
+                in_flight = [
+                    pool.submit(lambda: httpx.post(f"{base}/api/verify", files={"file": ("p.jpg", photo)}, timeout=60))
+                    for _ in range(8)
+                ]
+                time.sleep(0.05)
+                live_ms = [timed(lambda: client.get("/health/live"))[0] for _ in range(5)]
+                for future in in_flight:
+                    future.result().raise_for_status()
+            results["live_while_8_verify_max_ms"] = round(max(live_ms), 1)
+            results["live_while_8_verify_p50_ms"] = round(statistics.median(live_ms), 1)
+        memory = memory_kb(server.pid)
+        results["server_rss_mb"] = round(memory["VmRSS"] / 1024)
+        results["server_peak_rss_mb"] = round(memory["VmHWM"] / 1024)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    if args.markdown:
+        lines = [
+            f"Command: `python -m tools.load_test {' '.join(sys.argv[1:])}`",
+            "",
+            "| measure | value |",
+            "|---|---|",
+            *(f"| {key} | {value} |" for key, value in results.items()),
+        ]
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
