@@ -4,10 +4,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ApiKeyEntry(BaseModel):
+    """One configured key: only the sha256 of the key is ever stored (``python -m api.keys new``)."""
+
+    name: str = Field(min_length=1, max_length=100)
+    scope: Literal["admin", "client"]
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class Settings(BaseSettings):
@@ -20,9 +28,7 @@ class Settings(BaseSettings):
     embedding_model_path: Path = REPO_ROOT / "face_embedding_model.keras"
     # Offline mirror of weights that no package ships (anti-spoofing); set-up copies from here.
     models_mirror: Path | None = None
-    detector: str = Field(
-        "yunet", description="yunet, or a deepface detector backend: opencv, mtcnn, dlib, ssd, ..."
-    )
+    detector: str = Field("yunet", description="yunet, or a deepface detector backend: opencv, mtcnn, dlib, ssd, ...")
     embedder: str = Field("dlib-resnet", description="dlib-resnet (our Keras file) or deepface:<ModelName>")
     # Large photos are downscaled so that the longer side is at most this before detection.
     detect_max_side: int = 640
@@ -34,9 +40,7 @@ class Settings(BaseSettings):
 
     # --- matching (similarity units, in [0, 1]) ------------------------------------------------------
     compare_threshold: float | None = Field(None, ge=0.0, le=1.0, description="1:1; None = calibrated value")
-    identify_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="1:N; None = gallery-size rule"
-    )
+    identify_threshold: float | None = Field(None, ge=0.0, le=1.0, description="1:N; None = gallery-size rule")
 
     # --- storage -------------------------------------------------------------------------------------
     store_path: Path = REPO_ROOT / "face_database.npz"
@@ -49,6 +53,15 @@ class Settings(BaseSettings):
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_files_per_request: int = 10
+
+    # --- access and data safety --------------------------------------------------------------------
+    # JSON list, e.g. FACE_API_KEYS='[{"name": "app", "scope": "client", "sha256": "..."}]'. With none, the
+    # service answers only clients on a loopback address.
+    api_keys: list[ApiKeyEntry] = Field(default_factory=list)
+    rate_limit: str = Field("120/minute", description="Per API key, or per client address when open")
+    audit_log_path: Path | None = REPO_ROOT / "audit.log"
+    # Fernet key (32 url-safe base64 bytes) to encrypt the store at rest; see `python -m api.keys store-key`.
+    store_encryption_key: str | None = Field(None, repr=False)
 
     # --- emotion and liveness ------------------------------------------------------------------------
     emotion_model: str = Field("ours", description="ours, fer (mini-Xception baseline) or deepface")

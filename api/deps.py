@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request, UploadFile
+from fastapi import Depends, Request, Security, UploadFile
+from fastapi.security import APIKeyHeader
 
 from api.config import Settings
 from api.errors import FaceServiceError, ImageTooLargeError, ModelUnavailableError, TooManyFilesError
+from api.security import API_KEY_HEADER, AuditLog, Caller
 from api.services.analysis import EmotionAnalyzer, LivenessAnalyzer
 from api.services.inference import InferenceRunner
 from api.services.recognition import ImageUpload, RecognitionService
@@ -66,6 +68,38 @@ def get_liveness(state: StateDep, models: ModelsDep) -> LivenessAnalyzer:
     return models.liveness
 
 
+# auto_error=False: a missing key is answered by our own 401 in the error envelope, not FastAPI's 403.
+api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key (see README)")
+
+
+def get_caller(request: Request, state: StateDep, key: Annotated[str | None, Security(api_key_header)]) -> Caller:
+    caller = state.authenticator.identify(key, request.client.host if request.client else None)
+    state.rate_limiter.check(caller)
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def require_client(state: StateDep, caller: CallerDep) -> Caller:
+    state.authenticator.authorise(caller, "client")
+    return caller
+
+
+def require_admin(state: StateDep, caller: CallerDep) -> Caller:
+    state.authenticator.authorise(caller, "admin")
+    return caller
+
+
+ClientDep = Annotated[Caller, Depends(require_client)]
+AdminDep = Annotated[Caller, Depends(require_admin)]
+
+
+def get_audit(state: StateDep) -> AuditLog:
+    return state.audit
+
+
+AuditDep = Annotated[AuditLog, Depends(get_audit)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[FaceStore, Depends(get_store)]
 RunnerDep = Annotated[InferenceRunner, Depends(get_runner)]

@@ -13,6 +13,7 @@ class FaceServiceError(Exception):
         super().__init__(message)
         self.message = message
         self.details = details
+        self.headers: dict[str, str] = {}
 
 
 class InvalidImageError(FaceServiceError):
@@ -87,6 +88,13 @@ class StoreCorruptError(FaceServiceError):
     status = 500
 
 
+class StoreKeyError(FaceServiceError):
+    """The store is encrypted and no key, or the wrong key, was configured."""
+
+    code = "STORE_KEY_INVALID"
+    status = 500
+
+
 class StoreLockTimeoutError(FaceServiceError):
     code = "STORE_BUSY"
     status = 503
@@ -102,3 +110,22 @@ class ModelUnavailableError(FaceServiceError):
 class InferenceTimeoutError(FaceServiceError):
     code = "INFERENCE_TIMEOUT"
     status = 503
+
+
+class AuthenticationError(FaceServiceError):
+    code = "UNAUTHORIZED"
+    status = 401
+
+
+class ForbiddenError(FaceServiceError):
+    code = "FORBIDDEN"
+    status = 403
+
+
+class RateLimitedError(FaceServiceError):
+    code = "RATE_LIMITED"
+    status = 429
+
+    def __init__(self, message: str, retry_after_s: int, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.headers["Retry-After"] = str(retry_after_s)

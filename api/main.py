@@ -20,6 +20,7 @@ from api import __version__
 from api.config import Settings, get_settings
 from api.errors import FaceServiceError
 from api.routers import analysis, health, recognition, users
+from api.security import AuditLog, Authenticator, RateLimiter, check_startup_security
 from api.services.inference import InferenceRunner
 from api.state import AppState, load_models, open_store
 
@@ -56,10 +57,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # The store opens synchronously: a corrupt file must stop start-up, not a later request.
+        check_startup_security(settings)
         state = AppState(
             settings=settings,
             store=open_store(settings),
             runner=InferenceRunner(settings.inference_threads, settings.inference_timeout_s),
+            authenticator=Authenticator(settings.api_keys),
+            rate_limiter=RateLimiter(settings.rate_limit),
+            audit=AuditLog(settings.audit_log_path),
         )
         app.state.face = state
         # Models load in the background so /health/live answers during the few seconds this takes.
@@ -81,7 +86,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(FaceServiceError)
     async def domain_error(_: Request, exc: FaceServiceError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.details)
+        response.headers.update(exc.headers)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

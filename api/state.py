@@ -10,6 +10,7 @@ import numpy as np
 
 from api.config import Settings
 from api.errors import FaceServiceError
+from api.security import AuditLog, Authenticator, RateLimiter
 from api.services.analysis import EmotionAnalyzer, LivenessAnalyzer
 from api.services.inference import InferenceRunner
 from api.services.matching import Calibration
@@ -32,6 +33,9 @@ class AppState:
     settings: Settings
     store: FaceStore
     runner: InferenceRunner
+    authenticator: Authenticator
+    rate_limiter: RateLimiter
+    audit: AuditLog
     models: Models | None = None
     load_error: str | None = None
     unavailable: dict[str, str] = field(default_factory=dict)  # optional feature -> why it is off
@@ -45,7 +49,11 @@ class AppState:
 
 def open_store(settings: Settings) -> FaceStore:
     """Opening reads and validates the file: a corrupt store stops start-up here, untouched."""
-    return NpzFaceStore(settings.store_path, lock_timeout_s=settings.store_lock_timeout_s)
+    return NpzFaceStore(
+        settings.store_path,
+        lock_timeout_s=settings.store_lock_timeout_s,
+        encryption_key=settings.store_encryption_key,
+    )
 
 
 def load_models(state: AppState) -> Models:

@@ -167,9 +167,13 @@ def app_client(tmp_path_factory: pytest.TempPathFactory, keras_model_path: Path,
     from api.main import create_app
 
     settings = Settings(
-        store_path=tmp_path_factory.mktemp("store") / "face_database.npz", embedding_model_path=keras_model_path
+        store_path=tmp_path_factory.mktemp("store") / "face_database.npz",
+        embedding_model_path=keras_model_path,
+        # The suite sends far more requests than a real client; the limiter has tests of its own.
+        rate_limit="100000/minute",
+        audit_log_path=tmp_path_factory.mktemp("audit") / "audit.log",
     )
-    with TestClient(create_app(settings)) as client:
+    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
         _wait_ready(client)
         client.event_hooks["response"].append(response_log)
         yield client

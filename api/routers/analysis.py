@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from api.deps import EmotionDep, LivenessDep, RunnerDep, SettingsDep, read_upload
+from api.deps import ClientDep, EmotionDep, LivenessDep, RunnerDep, SettingsDep, read_upload
 from api.routers._convert import box_of
 from api.schemas.analysis import AntiSpoofResult, EmotionResult, EmotionScores, FaceEmotion, FaceLiveness
 from api.schemas.common import error_responses
@@ -19,6 +19,7 @@ router = APIRouter(prefix="/api", tags=["analysis"])
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def emotion(
+    _: ClientDep,
     analyzer: EmotionDep,
     runner: RunnerDep,
     settings: SettingsDep,
@@ -46,7 +47,7 @@ async def emotion(
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def anti_spoof(
-    analyzer: LivenessDep, runner: RunnerDep, settings: SettingsDep, file: Annotated[UploadFile, File()]
+    _: ClientDep, analyzer: LivenessDep, runner: RunnerDep, settings: SettingsDep, file: Annotated[UploadFile, File()]
 ) -> AntiSpoofResult:
     upload = await read_upload(file, settings)
     outcomes = await runner.run(analyzer.analyze, upload.data)

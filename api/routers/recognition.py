@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
-from api.deps import RecognitionDep, RunnerDep, SettingsDep, read_upload, read_uploads
+from api.deps import AdminDep, AuditDep, ClientDep, RecognitionDep, RunnerDep, SettingsDep, read_upload, read_uploads
 from api.routers._convert import face_box, register_result
 from api.schemas.common import error_responses
 from api.schemas.recognition import CompareResult, MatchCandidate, UserRef, VerifyResult
@@ -32,6 +32,8 @@ ThresholdField = Annotated[
     responses=error_responses(401, 403, 409, 413, 415, 422, 429, 503),
 )
 async def register(
+    caller: AdminDep,
+    audit: AuditDep,
     recognition: RecognitionDep,
     runner: RunnerDep,
     settings: SettingsDep,
@@ -43,6 +45,7 @@ async def register(
     uploads = await read_uploads(files, settings)
     check = settings.require_liveness if liveness is None else liveness
     outcome = await runner.run(recognition.register, name, uploads, allow_duplicate, check)
+    audit.record(caller, "register", outcome.user.id, faces=outcome.user.faces)
     return register_result(outcome)
 
 
@@ -55,6 +58,7 @@ async def register(
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def verify(
+    _: ClientDep,
     recognition: RecognitionDep,
     runner: RunnerDep,
     settings: SettingsDep,
@@ -88,6 +92,7 @@ async def verify(
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def compare(
+    _: ClientDep,
     recognition: RecognitionDep,
     runner: RunnerDep,
     settings: SettingsDep,

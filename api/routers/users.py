@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 
-from api.deps import RecognitionDep, RunnerDep, SettingsDep, StoreDep, read_uploads
+from api.deps import AdminDep, AuditDep, RecognitionDep, RunnerDep, SettingsDep, StoreDep, read_uploads
 from api.routers._convert import register_result, user_of
 from api.schemas.common import error_responses
 from api.schemas.users import RegisterResult, User, UserPage, UserRename
@@ -16,6 +16,7 @@ UserId = Annotated[str, Path(min_length=1, max_length=64, description="The id re
 
 @router.get("", response_model=UserPage, summary="List registered users", responses=error_responses(401, 403, 429))
 async def list_users(
+    _: AdminDep,
     store: StoreDep,
     runner: RunnerDep,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -26,13 +27,17 @@ async def list_users(
 
 
 @router.get("/{user_id}", response_model=User, summary="One user", responses=error_responses(401, 403, 404, 429))
-async def get_user(store: StoreDep, runner: RunnerDep, user_id: UserId) -> User:
+async def get_user(_: AdminDep, store: StoreDep, runner: RunnerDep, user_id: UserId) -> User:
     return user_of(await runner.run(store.get, user_id))
 
 
 @router.patch("/{user_id}", response_model=User, summary="Rename a user", responses=error_responses(401, 403, 404, 422))
-async def rename_user(store: StoreDep, runner: RunnerDep, user_id: UserId, body: UserRename) -> User:
-    return user_of(await runner.run(store.rename, user_id, body.name))
+async def rename_user(
+    caller: AdminDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, user_id: UserId, body: UserRename
+) -> User:
+    record = await runner.run(store.rename, user_id, body.name)
+    audit.record(caller, "rename", user_id)
+    return user_of(record)
 
 
 @router.delete(
@@ -41,8 +46,11 @@ async def rename_user(store: StoreDep, runner: RunnerDep, user_id: UserId, body:
     summary="Delete a user and every stored descriptor of them, from memory and disk",
     responses=error_responses(401, 403, 404, 429),
 )
-async def delete_user(store: StoreDep, runner: RunnerDep, user_id: UserId) -> Response:
+async def delete_user(
+    caller: AdminDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, user_id: UserId
+) -> Response:
     await runner.run(store.delete, user_id)
+    audit.record(caller, "delete", user_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -53,6 +61,8 @@ async def delete_user(store: StoreDep, runner: RunnerDep, user_id: UserId) -> Re
     responses=error_responses(401, 403, 404, 409, 413, 415, 422, 429, 503),
 )
 async def add_faces(
+    caller: AdminDep,
+    audit: AuditDep,
     recognition: RecognitionDep,
     runner: RunnerDep,
     settings: SettingsDep,
@@ -63,4 +73,6 @@ async def add_faces(
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     check = settings.require_liveness if liveness is None else liveness
-    return register_result(await runner.run(recognition.add_faces, user_id, uploads, allow_duplicate, check))
+    outcome = await runner.run(recognition.add_faces, user_id, uploads, allow_duplicate, check)
+    audit.record(caller, "add_faces", user_id, faces=outcome.user.faces)
+    return register_result(outcome)

@@ -46,7 +46,13 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import filelock
 import numpy as np
 
-from api.errors import ModelMismatchError, StoreCorruptError, StoreLockTimeoutError, UserNotFoundError
+from api.errors import (
+    ModelMismatchError,
+    StoreCorruptError,
+    StoreKeyError,
+    StoreLockTimeoutError,
+    UserNotFoundError,
+)
 
 FORMAT_VERSION = 1
 DEFAULT_STORE_NAME = "face_database.npz"
@@ -57,6 +63,8 @@ _USER_KEYS = frozenset({"id", "name", "model_id", "created_at", "updated_at", "f
 _MODEL_KEYS = frozenset({"id", "dim"})
 # A zip archive starts with a local file header, or with the end-of-directory record when empty.
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+# An encrypted store is this marker followed by a Fernet token (AES-128-CBC + HMAC-SHA256) of the .npz bytes.
+ENCRYPTED_MAGIC = b"FACESTORE-FERNET1\n"
 
 
 @dataclass(frozen=True)
@@ -239,9 +247,7 @@ def _state_from_arrays(arrays: Mapping[str, np.ndarray]) -> _State:
         raise _FormatError("no 'format_version' array")
     format_version = _int_scalar(arrays, "format_version")
     if format_version != FORMAT_VERSION:
-        raise _FormatError(
-            f"format version {format_version} is not supported (this code reads {FORMAT_VERSION})"
-        )
+        raise _FormatError(f"format version {format_version} is not supported (this code reads {FORMAT_VERSION})")
     for key in ("version", "meta"):
         if key not in arrays:
             raise _FormatError(f"no {key!r} array")
@@ -404,6 +410,19 @@ def _fsync_directory(directory: Path) -> None:
 # --- the file-backed store -------------------------------------------------------------------------------
 
 
+def _cipher(key: str | None):  # -> cryptography.fernet.Fernet | None
+    if not key:
+        return None
+    from cryptography.fernet import Fernet
+
+    try:
+        return Fernet(key.encode("ascii"))
+    except (ValueError, UnicodeEncodeError):
+        raise StoreKeyError(
+            "FACE_STORE_ENCRYPTION_KEY is not a valid key; create one with `python -m api.keys store-key`."
+        ) from None
+
+
 class NpzFaceStore:
     """:class:`FaceStore` in one ``.npz`` file, safe for several threads and processes.
 
@@ -413,9 +432,10 @@ class NpzFaceStore:
     (encryption at rest is the remedy for that, see :func:`_serialize`).
     """
 
-    def __init__(self, path: Path, lock_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: Path, lock_timeout_s: float = 30.0, encryption_key: str | None = None) -> None:
         if lock_timeout_s < 0:
             raise ValueError("lock_timeout_s must be >= 0")
+        self._cipher = _cipher(encryption_key)
         self._path = Path(path)
         self._lock_timeout_s = float(lock_timeout_s)
         self._lock_pid = os.getpid()
@@ -603,7 +623,7 @@ class NpzFaceStore:
             self._sig = sig  # same content under a new signature (e.g. touched): keep caches
             return
         try:
-            state = _deserialize(data)
+            state = _deserialize(self._decrypt(data))
         except _FormatError as exc:
             raise StoreCorruptError(
                 f"Face store {self._path} is corrupt or unreadable: {exc}. It was left untouched; restore "
@@ -611,6 +631,29 @@ class NpzFaceStore:
                 path=str(self._path),
             ) from exc
         self._install(state, sig, digest)
+
+    def _encrypt(self, plain: bytes) -> bytes:
+        return plain if self._cipher is None else ENCRYPTED_MAGIC + self._cipher.encrypt(plain)
+
+    def _decrypt(self, data: bytes) -> bytes:
+        """The .npz bytes of the file; a plain file is read as is (the next write encrypts it)."""
+        if not data.startswith(ENCRYPTED_MAGIC):
+            return data
+        if self._cipher is None:
+            raise StoreKeyError(
+                f"Face store {self._path} is encrypted; set FACE_STORE_ENCRYPTION_KEY to the key it was written with.",
+                path=str(self._path),
+            )
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return self._cipher.decrypt(data[len(ENCRYPTED_MAGIC) :])
+        except InvalidToken:
+            raise StoreKeyError(
+                f"Face store {self._path} cannot be decrypted: FACE_STORE_ENCRYPTION_KEY is not the key it was "
+                "written with, or the file was altered. It was left untouched.",
+                path=str(self._path),
+            ) from None
 
     def _install(self, state: _State, sig: _Sig | None, digest: bytes | None) -> None:
         self._state, self._sig, self._digest = state, sig, digest
@@ -636,7 +679,7 @@ class NpzFaceStore:
                     self._reload_locked()
                     state, previous = self._state, self._sig
                 new_state, result = apply(state)
-                data = _serialize(new_state)
+                data = self._encrypt(_serialize(new_state))
                 sig = self._replace_file(data, previous)
                 with self._cache_lock:
                     self._install(new_state, sig, _digest(data))
