@@ -314,6 +314,13 @@ def live_server(tmp_path: Path, keras_model_path: Path):
             "PYTHONPATH": str(REPO),
             "FACE_STORE_PATH": str(tmp_path / "face_database.npz"),
             "FACE_EMBEDDING_MODEL_PATH": str(keras_model_path),
+            "FACE_AUDIT_LOG_PATH": str(tmp_path / "audit.log"),
+            # Open (no keys: loopback callers only, as admin), unencrypted, and not rate limited, whatever a
+            # developer's .env says; the tests send far more requests than a real client.
+            "FACE_ENV": "test",
+            "FACE_API_KEYS": "[]",
+            "FACE_STORE_ENCRYPTION_KEY": "",
+            "FACE_RATE_LIMIT": "100000/minute",
             **env,
         }
         command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import cv2
@@ -63,9 +65,7 @@ class YuNetDetector:
     name = "yunet"
 
     def __init__(self, confidence: float = 0.6, max_side: int = 640, min_side: int = 300) -> None:
-        import yuface  # imported here so other backends do not need it installed
-
-        self._yuface = yuface
+        self._detect_raw = _libfacedetection()
         self.confidence = confidence
         self.max_side = max_side
         self.min_side = min_side
@@ -83,9 +83,10 @@ class YuNetDetector:
                 interpolation=interpolation,
             )
         bgr = np.ascontiguousarray(work[:, :, ::-1])
-        confs, boxes, landmarks = self._yuface.detect(bgr, conf=self.confidence)
+        rows = self._detect_raw(bgr)
+        rows = rows[rows[:, 0] > self.confidence * 100]
         faces = []
-        for conf, box, marks in zip(confs, boxes, landmarks, strict=True):
+        for conf, box, marks in zip(rows[:, 0], rows[:, 1:5], rows[:, 5:15], strict=True):
             x, y, w, h = (float(v) for v in box)
             # Clip the box to the image: YuNet boxes can reach past the border for faces cut by it.
             x0, y0 = max(0.0, x), max(0.0, y)
@@ -100,6 +101,42 @@ class YuNetDetector:
             faces.append(face.scaled(1.0 / factor) if factor != 1.0 else face)
         faces.sort(key=lambda f: f.area, reverse=True)
         return faces
+
+
+# libfacedetection's result buffer: an int count, then 16 int16 per face (score 0..100, x, y, w, h, 5 x/y
+# landmark pairs, padding). Its size is the library's documented DETECT_BUFFER_SIZE.
+_RESULT_BUFFER_BYTES = 0x20000
+_VALUES_PER_FACE = 16
+
+
+def _libfacedetection() -> Callable[[np.ndarray], np.ndarray]:
+    """YuNet's C entry point, called through ctypes rather than yuface's extension module.
+
+    yuface's extension holds the GIL for the whole detection (~15-140 ms): while one request detected, the
+    event loop and every other thread stood still (/health/live took >100 ms under 8 concurrent verifies).
+    A ctypes call releases the GIL, so detections run in parallel with each other and with the event loop.
+    The library file is the one the ``yuface`` wheel ships.
+    """
+    import ctypes
+
+    import yuface
+
+    library = ctypes.CDLL(str(Path(yuface.__file__).parent / "libfacedetection.so"))
+    function = library._Z14facedetect_cnnPhS_iii  # facedetect_cnn(uchar* buffer, uchar* bgr, int w, int h, int step)
+    function.restype = ctypes.POINTER(ctypes.c_int)
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+
+    def detect(bgr: np.ndarray) -> np.ndarray:
+        bgr = np.ascontiguousarray(bgr, dtype=np.uint8)
+        buffer = np.zeros(_RESULT_BUFFER_BYTES, np.uint8)  # one per call: concurrent calls share nothing
+        result = function(buffer.ctypes.data, bgr.ctypes.data, bgr.shape[1], bgr.shape[0], bgr.strides[0])
+        count = int(result[0]) if result else 0
+        count = min(count, (_RESULT_BUFFER_BYTES - 4) // (2 * _VALUES_PER_FACE))
+        # Signed: a face cut by the image border has a negative x or y.
+        values = np.frombuffer(buffer, np.int16, count=_VALUES_PER_FACE * count, offset=4)
+        return values.reshape(count, _VALUES_PER_FACE).copy()
+
+    return detect
 
 
 class DeepFaceDetector:
