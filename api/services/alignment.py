@@ -91,9 +91,7 @@ class SimilarityAligner:
         return np.array([[scale, 0.0, translation[0]], [0.0, scale, translation[1]]])
 
 
-def _shrink_region(
-    image: np.ndarray, matrix: np.ndarray, scale: float, size: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _shrink_region(image: np.ndarray, matrix: np.ndarray, scale: float, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Cut the chip's source region out, shrink it with INTER_AREA, and adjust the matrix to match."""
     inverse = cv2.invertAffineTransform(matrix)
     corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], np.float64) @ inverse.T

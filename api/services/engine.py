@@ -75,9 +75,7 @@ class FaceEngine:
             centre = np.array([width / 2.0, height / 2.0])
             return min(
                 usable,
-                key=lambda f: float(
-                    np.hypot(*(np.array([f.box[0] + f.box[2] / 2, f.box[1] + f.box[3] / 2]) - centre))
-                ),
+                key=lambda f: float(np.hypot(*(np.array([f.box[0] + f.box[2] / 2, f.box[1] + f.box[3] / 2]) - centre))),
             )
         return usable[0]  # detectors return faces largest first
 

@@ -78,9 +78,7 @@ class Candidate:
         return float(distance_from_similarity(self.similarity))
 
 
-def user_scores(
-    gallery_embeddings: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray
-) -> np.ndarray:
+def user_scores(gallery_embeddings: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray) -> np.ndarray:
     """Similarity of ``probe`` to every user: the best over that user's stored faces (one matrix product).
 
     Best-of-faces measured better than comparing with each user's mean descriptor on LFW (see README).
