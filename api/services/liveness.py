@@ -1,0 +1,116 @@
+"""Passive liveness (presentation-attack detection) with minivision's two MiniFASNet models.
+
+Each face is cropped twice around its detector box, enlarged 2.7x and 4.0x (context such as a phone bezel
+or paper edge is what the wider crop sees), resized to 80x80 and scored by its model. The two softmax
+outputs are averaged; class 1 is "real". This reproduces the reference pipeline (Silent-Face-Anti-Spoofing
+``test.py``, also deepface's ``Fasnet``) so that its published behaviour carries over; the equivalence
+to the PyTorch reference is checked by ``tests/services/test_liveness.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from api.errors import ModelUnavailableError
+from api.ml.minifasnet import ANTI_SPOOF_MODELS, INPUT_SIZE, REAL_CLASS
+
+Box = tuple[float, float, float, float]
+
+
+def crop_box(image_w: int, image_h: int, box: Box, scale: float) -> tuple[int, int, int, int]:
+    """Inclusive pixel corners (x0, y0, x1, y1) of the reference's enlarged crop around ``box`` (x, y, w, h).
+
+    Same arithmetic as the reference (``CropImage._get_new_box``), in the same order, because the
+    models were trained on crops made this way and an off-by-one shift changes their scores:
+
+    * the scale is lowered when the enlarged box would exceed the image in either dimension;
+    * a crop that crosses the left/top border is shifted inside, then one crossing the right/bottom
+      border (measured against the last pixel index, not the size) is shifted back;
+    * corners are truncated toward zero (``int()``), and both are inclusive.
+    """
+    x, y, w, h = (float(v) for v in box)
+    if w <= 0 or h <= 0:
+        raise ValueError(f"face box {box} has no area")
+    scale = min((image_h - 1) / h, (image_w - 1) / w, scale)
+    new_w, new_h = w * scale, h * scale
+    center_x, center_y = x + w / 2, y + h / 2
+    left, top = center_x - new_w / 2, center_y - new_h / 2
+    right, bottom = center_x + new_w / 2, center_y + new_h / 2
+    if left < 0:
+        right -= left
+        left = 0
+    if top < 0:
+        bottom -= top
+        top = 0
+    if right > image_w - 1:
+        left -= right - image_w + 1
+        right = image_w - 1
+    if bottom > image_h - 1:
+        top -= bottom - image_h + 1
+        bottom = image_h - 1
+    return int(left), int(top), int(right), int(bottom)
+
+
+def crop_face(image_rgb: np.ndarray, box: Box, scale: float, size: int = INPUT_SIZE) -> np.ndarray:
+    """The model input for one face: a (size, size, 3) uint8 **BGR** crop (the models were trained on BGR)."""
+    height, width = image_rgb.shape[:2]
+    x0, y0, x1, y1 = crop_box(width, height, box, scale)
+    # cv2.resize's default (bilinear) is what the reference uses. Resizing the RGB view first and swapping
+    # channels on the 80x80 result gives the same pixels without copying a multi-megapixel region.
+    resized = cv2.resize(image_rgb[y0 : y1 + 1, x0 : x1 + 1], (size, size))
+    return np.ascontiguousarray(resized[:, :, ::-1])
+
+
+class MiniFASNetLiveness:
+    """Both MiniFASNet models, loaded once from ``<models_dir>/<stem>.keras`` (see tools/fetch_models.py)."""
+
+    def __init__(self, models_dir: Path) -> None:
+        paths = [Path(models_dir) / f"{spec.stem}.keras" for spec in ANTI_SPOOF_MODELS]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise ModelUnavailableError(
+                f"Anti-spoofing model(s) missing: {', '.join(str(p) for p in missing)}. Build them with "
+                "`make run` or `python tools/fetch_models.py`, which downloads minivision's .pth files "
+                "(or copies them from the folder in FACE_MODELS_MIRROR when offline) and converts them.",
+                missing=[str(p) for p in missing],
+            )
+        import keras
+        import tensorflow as tf
+
+        try:
+            models = [keras.saving.load_model(p, compile=False) for p in paths]
+        except (OSError, ValueError) as err:
+            raise ModelUnavailableError(
+                f"Anti-spoofing model could not be loaded ({err}); delete the .keras files in {models_dir} "
+                "and run `python tools/fetch_models.py` again."
+            ) from err
+        self.scales = tuple(spec.scale for spec in ANTI_SPOOF_MODELS)
+        first, second = models
+        spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)
+
+        # One traced graph for both models, one dispatch per request: at one face per call, Keras' eager
+        # __call__ is dominated by per-layer Python overhead and predict_on_batch adds its own set-up.
+        @tf.function(input_signature=[spec, spec])
+        def forward(near: tf.Tensor, wide: tf.Tensor) -> tf.Tensor:
+            return (first(near, training=False) + second(wide, training=False)) / 2.0
+
+        self._forward = forward
+        self._models = models
+
+    def probabilities(self, image_rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
+        """(N, 3) softmax averaged over both models, one row per box (x, y, w, h) in ``image_rgb`` pixels."""
+        if len(boxes) == 0:
+            return np.zeros((0, 3), np.float32)
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image_rgb.shape}")
+        batches = [
+            np.stack([crop_face(image_rgb, box, scale) for box in boxes]).astype(np.float32) for scale in self.scales
+        ]
+        return self._forward(*batches).numpy()
+
+    def real_scores(self, image_rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
+        """Per face, the averaged probability of "real" in [0, 1]."""
+        return self.probabilities(image_rgb, boxes)[:, REAL_CLASS].astype(np.float32)

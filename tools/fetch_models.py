@@ -1,0 +1,200 @@
+"""Fetch and build the model files that no Python package ships; safe to run again (quick when done).
+
+    python tools/fetch_models.py            # or: python -m tools.fetch_models
+
+Anti-spoofing: minivision's two MiniFASNet ``.pth`` files go to ``resources/anti_spoof_models/``, taken
+from the offline mirror in ``FACE_MODELS_MIRROR`` (layout ``anti_spoof/<file>``, or the file directly in
+the folder) or else downloaded from upstream, and checked against their sha256. Each is converted to a
+``.keras`` file beside it, unless that file is already newer than its ``.pth``.
+
+Each step is a function of a ``FetchContext`` listed in ``STEPS``; a step raises ``FetchError`` with a
+message for the user, and ``main`` stops at the first one that fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# Runnable as `python tools/fetch_models.py`: the repository root holds the `api` package.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import api  # noqa: F401  (first: pins the thread pools before numpy / TensorFlow load)
+
+# isort: split
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM = "https://github.com/minivision-ai/Silent-Face-Anti-Spoofing/raw/master/"
+MIRROR_ENV = "FACE_MODELS_MIRROR"
+
+
+class FetchError(RuntimeError):
+    """A model file could not be provided; the message tells the user how to provide it."""
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    name: str
+    sha256: str
+    upstream_path: str  # path inside minivision's repository
+    mirror_folder: str  # sub-folder of the mirror that holds it
+
+    @property
+    def url(self) -> str:
+        return UPSTREAM + self.upstream_path
+
+
+ANTI_SPOOF_WEIGHTS = (
+    WeightFile(
+        "2.7_80x80_MiniFASNetV2.pth",
+        "a5eb02e1843f19b5386b953cc4c9f011c3f985d0ee2bb9819eea9a142099bec0",
+        "resources/anti_spoof_models/2.7_80x80_MiniFASNetV2.pth",
+        "anti_spoof",
+    ),
+    WeightFile(
+        "4_0_0_80x80_MiniFASNetV1SE.pth",
+        "84ee1d37d96894d5e82de5a57df044ef80a58be2b218b5ed7cdfd875ec2f5990",
+        "resources/anti_spoof_models/4_0_0_80x80_MiniFASNetV1SE.pth",
+        "anti_spoof",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class FetchContext:
+    resources_dir: Path
+    mirror: Path | None
+    timeout_s: float
+    download: bool
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _install(source: Callable[[Path], None], spec: WeightFile, dest: Path) -> str | None:
+    """Write via ``source`` into a temporary file, verify, move into place; the failure reason, or None."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.name}.", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        source(tmp)
+        actual = sha256_of(tmp)
+        if actual != spec.sha256:
+            return f"sha256 {actual} does not match the expected {spec.sha256}"
+        tmp.chmod(0o644)  # mkstemp creates the file private to its owner
+        tmp.replace(dest)
+        return None
+    except (OSError, urllib.error.URLError, TimeoutError) as err:
+        return str(err)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ensure_weight_file(spec: WeightFile, dest_dir: Path, ctx: FetchContext) -> Path:
+    """``dest_dir/spec.name`` with the right sha256: kept if already there, else from mirror or upstream."""
+    dest = dest_dir / spec.name
+    if dest.is_file():
+        if sha256_of(dest) == spec.sha256:
+            return dest
+        print(f"{dest} has the wrong sha256; fetching it again")
+    failures: list[str] = []
+    if ctx.mirror is None:
+        failures.append(f"{MIRROR_ENV} is not set")
+    else:
+        candidates = [ctx.mirror / spec.mirror_folder / spec.name, ctx.mirror / spec.name]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            failures.append(f"not in the mirror ({' or '.join(str(c) for c in candidates)})")
+        for candidate in found:
+            reason = _install(lambda tmp, src=candidate: shutil.copyfile(src, tmp), spec, dest)
+            if reason is None:
+                print(f"copied {spec.name} from {candidate}")
+                return dest
+            failures.append(f"mirror copy {candidate}: {reason}")
+    if ctx.download:
+
+        def download(tmp: Path) -> None:
+            with urllib.request.urlopen(spec.url, timeout=ctx.timeout_s) as response, tmp.open("wb") as out:
+                shutil.copyfileobj(response, out)
+
+        reason = _install(download, spec, dest)
+        if reason is None:
+            print(f"downloaded {spec.name} from {spec.url}")
+            return dest
+        failures.append(f"download {spec.url}: {reason}")
+    raise FetchError(
+        f"Missing model file {dest}.\n" + "".join(f"  - {f}\n" for f in failures) + "Provide it in one of two ways:\n"
+        f"  1. download it (needs internet): {spec.url} -> {dest}\n"
+        f"     (sha256 {spec.sha256}); rerunning this tool online does that;\n"
+        f"  2. set {MIRROR_ENV} to a folder holding {spec.mirror_folder}/{spec.name} (or {spec.name})\n"
+        "     and rerun this tool."
+    )
+
+
+def is_up_to_date(target: Path, source: Path) -> bool:
+    return target.is_file() and target.stat().st_mtime >= source.stat().st_mtime
+
+
+def build_anti_spoof_models(ctx: FetchContext) -> None:
+    """Both MiniFASNet ``.pth`` files, verified, each converted to ``<stem>.keras`` beside it."""
+    folder = ctx.resources_dir / "anti_spoof_models"
+    pending = []
+    for spec in ANTI_SPOOF_WEIGHTS:
+        pth = ensure_weight_file(spec, folder, ctx)
+        keras_path = pth.with_suffix(".keras")
+        if is_up_to_date(keras_path, pth):
+            print(f"{keras_path.relative_to(ctx.resources_dir.parent)} is up to date")
+        else:
+            pending.append((pth, keras_path))
+    if not pending:
+        return
+    # Imported only when there is something to convert: TensorFlow takes seconds to load.
+    from api.ml.minifasnet import convert_pth_to_keras
+
+    for pth, keras_path in pending:
+        convert_pth_to_keras(pth, keras_path)
+        print(f"converted {pth.name} -> {keras_path}")
+
+
+# (description, step) in the order they run; add new model builders here.
+STEPS: list[tuple[str, Callable[[FetchContext], None]]] = [
+    ("anti-spoofing models (MiniFASNet)", build_anti_spoof_models),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resources-dir", type=Path, default=REPO_ROOT / "resources")
+    parser.add_argument("--mirror", type=Path, default=None, help=f"offline mirror folder (default: ${MIRROR_ENV})")
+    parser.add_argument("--timeout", type=float, default=20.0, help="seconds per download attempt")
+    parser.add_argument("--no-download", action="store_true", help="use the mirror only")
+    args = parser.parse_args(argv)
+    mirror = args.mirror or (Path(os.environ[MIRROR_ENV]) if os.environ.get(MIRROR_ENV) else None)
+    ctx = FetchContext(args.resources_dir.resolve(), mirror, args.timeout, not args.no_download)
+    for description, step in STEPS:
+        print(f"== {description}")
+        try:
+            step(ctx)
+        except FetchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
