@@ -74,27 +74,64 @@ def _normalise_rows(probabilities: np.ndarray) -> np.ndarray:
     return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU computes bfloat16 natively (AMX or AVX-512 BF16); elsewhere oneDNN emulates it slowly."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _bfloat16_copy(model: Any) -> Any:
+    """The same network with bfloat16 compute (float32 weights, inputs and softmax): on AMX/AVX-512 BF16
+    CPUs the convolutions run ~1.5x faster; the probabilities differ from float32 by ~1e-3."""
+    import keras
+
+    def clone(layer: Any) -> Any:
+        config = layer.get_config()
+        keep_float32 = isinstance(layer, keras.layers.InputLayer) or (
+            isinstance(layer, keras.layers.Activation) and config.get("activation") == "softmax"
+        )
+        if not keep_float32:
+            config["dtype"] = "mixed_bfloat16"
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 class KerasEmotionClassifier:
-    """Our FER2013 CNN. Each face is classified together with its mirror image and the two are averaged."""
+    """Our FER2013 CNN. Each face is classified together with its mirror image and the two are averaged.
+
+    ``precision``: ``float32``, ``bfloat16`` or ``auto`` (bfloat16 where the CPU has native support).
+    """
 
     name = "ours"
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, precision: str = "auto") -> None:
         path = Path(path)
         if not path.is_file():
             raise ModelUnavailableError(
                 f"emotion model {path} is missing; train it with `python tools/train_emotion.py`",
                 path=str(path),
             )
+        if precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
         import keras
         import tensorflow as tf
 
         try:
-            self._model = keras.models.load_model(path, compile=False)
+            model = keras.models.load_model(path, compile=False)
         except Exception as error:  # a truncated or foreign file: report it as unavailable, not a 500
             message = f"cannot load emotion model {path}: {error}"
             raise ModelUnavailableError(message, path=str(path)) from error
-        model = self._model
+        if precision == "bfloat16" or (precision == "auto" and _cpu_has_bf16()):
+            model = _bfloat16_copy(model)
+            precision = "bfloat16"
+        self.precision = "float32" if precision == "auto" else precision
+        self._model = model
 
         # One traced graph for any batch size: model.predict() rebuilds a data pipeline per call (tens of
         # ms), and calling the model eagerly dispatches op by op; a tf.function with a fixed signature
@@ -102,7 +139,7 @@ class KerasEmotionClassifier:
         @tf.function(input_signature=[tf.TensorSpec([None, FACE_SIZE, FACE_SIZE, 1], tf.float32)])
         def _flip_averaged(faces: tf.Tensor) -> tf.Tensor:
             both = tf.concat([faces, tf.reverse(faces, axis=[2])], axis=0)
-            probabilities = model(both, training=False)
+            probabilities = tf.cast(model(both, training=False), tf.float32)
             plain, mirrored = tf.split(probabilities, 2, axis=0)
             return (plain + mirrored) / 2.0
 
@@ -158,7 +195,8 @@ class FerMiniXceptionClassifier:
             return np.zeros((0, len(EMOTION_LABELS)))
         resized = np.stack([cv2.resize(face, (self._size, self._size)) for face in batch])
         inputs = ((resized / 255.0 - 0.5) * 2.0).astype(np.float32)[..., None]
-        probabilities = np.asarray(self._model(inputs, training=False))
+        # A list, as the legacy HDF5 model declares its inputs as one: a bare tensor works but warns.
+        probabilities = np.asarray(self._model([inputs], training=False))
         return _normalise_rows(probabilities[:, self._order])
 
 
