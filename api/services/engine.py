@@ -93,7 +93,11 @@ class FaceEngine:
 
 def build_engine(settings: Settings) -> FaceEngine:
     detector = build_detector(
-        settings.detector, settings.detection_confidence, settings.detect_max_side, settings.detect_min_side
+        settings.detector,
+        settings.detection_confidence,
+        settings.detect_max_side,
+        settings.detect_min_side,
+        settings.detect_first_pass_side,
     )
     embedder = build_embedder(
         settings.embedder,

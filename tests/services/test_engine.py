@@ -275,3 +275,19 @@ def test_robustness_photos_give_a_result_or_a_typed_error(engine, shared_dir: Pa
     assert outcomes["compreface/einstein.jpeg"] == "ok"
     assert outcomes["compreface/truncated.jpg"] == "INVALID_IMAGE"
     assert outcomes["compreface/einstein.gif"] == "UNSUPPORTED_MEDIA_TYPE"
+
+
+def test_two_pass_detection_keeps_large_and_small_faces(astronaut: np.ndarray) -> None:
+    """The quick 320 px pass answers for a large face; a small face falls through to the 640 px pass."""
+    import cv2
+
+    from api.services.detection import YuNetDetector
+
+    two_pass, full = YuNetDetector(first_pass_side=320), YuNetDetector(first_pass_side=0)
+    large = cv2.resize(astronaut, (1536, 1536))  # face ~270 px: found by the first pass
+    small = np.full((2000, 2000, 3), 120, np.uint8)
+    small[700:1212, 900:1412] = astronaut  # face ~90 px: ~14 px at 320, needs the full pass
+    for image in (large, small):
+        quick, reference = two_pass.detect(image), full.detect(image)
+        assert len(quick) == len(reference) == 1
+        assert np.allclose(quick[0].box, reference[0].box, atol=0.06 * reference[0].size)
