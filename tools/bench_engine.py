@@ -27,6 +27,10 @@ Examples::
 
 from __future__ import annotations
 
+import api  # noqa: F401  (pins thread pools before numpy/OpenCV/TensorFlow load)
+
+# isort: split
+
 import argparse
 import io
 import json
@@ -42,8 +46,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import api  # noqa: F401  (pins thread pools before numpy/OpenCV/TensorFlow load)
 
 # isort: split
 import numpy as np

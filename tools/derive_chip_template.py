@@ -15,6 +15,10 @@ spread. Run: ``python -m tools.derive_chip_template --limit 1500``.
 
 from __future__ import annotations
 
+import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
+
+# isort: split
+
 import argparse
 
 import cv2
@@ -22,7 +26,6 @@ import dlib
 import face_recognition_models
 import numpy as np
 
-import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
 from api.services.detection import YuNetDetector
 from tools.common import SHARED, lfw_images
 
@@ -47,9 +50,7 @@ def dlib_chip_to_image_affine(image_shape: tuple[int, int], details) -> np.ndarr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=1500, help="number of LFW images to use")
     args = parser.parse_args()
 

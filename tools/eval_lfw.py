@@ -17,6 +17,10 @@ Examples::
 
 from __future__ import annotations
 
+import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
+
+# isort: split
+
 import argparse
 import json
 import os
@@ -27,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
 from api.config import REPO_ROOT, Settings
 from api.errors import FaceServiceError
 from api.services.imaging import decode_image
@@ -58,9 +61,7 @@ def ours_pipeline(selection: str) -> Represent:
 def _pick(boxes: list[tuple[float, float, float, float]], shape: tuple[int, int], selection: str) -> int:
     if selection == "central":
         centre = np.array([shape[1] / 2, shape[0] / 2])
-        return int(
-            np.argmin([np.hypot(*(np.array([x + w / 2, y + h / 2]) - centre)) for x, y, w, h in boxes])
-        )
+        return int(np.argmin([np.hypot(*(np.array([x + w / 2, y + h / 2]) - centre)) for x, y, w, h in boxes]))
     return int(np.argmax([w * h for _, _, w, h in boxes]))
 
 
@@ -256,15 +257,11 @@ def at_threshold(label: str, threshold: float, scores: np.ndarray, same: np.ndar
     }
 
 
-def write_calibration(
-    paths: list[Path], vectors: dict[Path, np.ndarray | None], selection: str, target: Path
-) -> None:
+def write_calibration(paths: list[Path], vectors: dict[Path, np.ndarray | None], selection: str, target: Path) -> None:
     from api.services.embedding import build_embedder
 
     settings = Settings()
-    model_id = build_embedder(
-        settings.embedder, settings.embedding_model_path, settings.flip_augmentation
-    ).model_id
+    model_id = build_embedder(settings.embedder, settings.embedding_model_path, settings.flip_augmentation).model_id
     tail = impostor_tail(paths, vectors)
     payload = {
         "model_id": model_id,
@@ -386,9 +383,7 @@ def identification(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def _scores(
-    matrix: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray, strategy: str
-) -> np.ndarray:
+def _scores(matrix: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray, strategy: str) -> np.ndarray:
     if strategy == "best-of-faces":
         return user_scores(matrix, owner, n_users, probe)
     means = np.stack([matrix[owner == i].mean(axis=0) for i in range(n_users)])
@@ -397,9 +392,7 @@ def _scores(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", default=str(LFW / "images"))
     parser.add_argument("--train-pairs", default=str(LFW / "pairsDevTrain.txt"))
     parser.add_argument("--test-pairs", default=str(LFW / "pairsDevTest.txt"))
@@ -416,9 +409,7 @@ def main() -> None:
     args = parser.parse_args()
     args.raw = sys.argv[1:]
     if not Path(args.images).is_dir():
-        raise SystemExit(
-            f"No images at {args.images}: the LFW data lives in ../shared/facedata (see README)."
-        )
+        raise SystemExit(f"No images at {args.images}: the LFW data lives in ../shared/facedata (see README).")
     identification(args) if args.identification else verification(args)
 
 

@@ -15,6 +15,10 @@ not recognition quality), then times requests with httpx:
 
 from __future__ import annotations
 
+import api  # noqa: F401  (pins thread pools before numpy loads)
+
+# isort: split
+
 import argparse
 import io
 import json
@@ -28,7 +32,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import api  # noqa: F401  (pins thread pools before numpy loads)
 import httpx
 import numpy as np
 from PIL import Image
