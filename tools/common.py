@@ -35,9 +35,7 @@ def read_pairs(pairs_file: Path, images_dir: Path) -> list[Pair]:
         fields = line.split()
         if len(fields) == 3:
             name, a, b = fields
-            pairs.append(
-                Pair(lfw_image_path(images_dir, name, int(a)), lfw_image_path(images_dir, name, int(b)), True)
-            )
+            pairs.append(Pair(lfw_image_path(images_dir, name, int(a)), lfw_image_path(images_dir, name, int(b)), True))
         elif len(fields) == 4:
             name_a, a, name_b, b = fields
             pairs.append(

@@ -145,9 +145,7 @@ def check_round(path: Path, lines: list[str], expected: Expected, report: Report
             pending = None
 
     prefix = f".{path.name}."
-    report.killed_mid_write += any(
-        p.name.startswith(prefix) and p.name.endswith(".tmp") for p in path.parent.iterdir()
-    )
+    report.killed_mid_write += any(p.name.startswith(prefix) and p.name.endswith(".tmp") for p in path.parent.iterdir())
     try:
         store = NpzFaceStore(path)
     except Exception as exc:  # any failure to load after a kill is what this tool exists to find
