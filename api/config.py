@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     # Small photos are upscaled to at least this so that faces of ~60 px are found with precise landmarks.
     detect_min_side: int = 300
     # Large photos are first searched at this size (0 = off); the full pass runs only if that finds no face
-    # or a small one (< 64 px at this size). About 3x faster on single-portrait photos.
+    # or a small one (< 40 px at this size). About 3x faster on single-portrait photos.
     detect_first_pass_side: int = 320
     detection_confidence: float = Field(0.6, ge=0.0, le=1.0)
     min_face_size: int = Field(40, description="Faces whose box is smaller (px, original image) are rejected")

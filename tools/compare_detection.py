@@ -35,11 +35,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", nargs="+", type=Path, default=DEFAULT_FOLDERS)
     parser.add_argument("--first-pass-side", type=int, default=320)
+    parser.add_argument("--first-pass-min-face", type=int, default=40)
     args = parser.parse_args()
 
     engine = build_engine(Settings())
     single = YuNetDetector(first_pass_side=0)
-    two_pass = YuNetDetector(first_pass_side=args.first_pass_side)
+    two_pass = YuNetDetector(first_pass_side=args.first_pass_side, first_pass_min_face=args.first_pass_min_face)
     files = sorted(p for folder in args.photos for p in folder.glob("*") if p.suffix.lower() in {".jpg", ".png"})
     cosines, counts, times, differing = [], [0, 0], ([], []), []
     for path in files:

@@ -308,7 +308,8 @@ def crop_face_for_emotion(
     """A 48x48 uint8 grey face framed like FER2013's: eyes levelled, landmarks near FER's mean positions.
 
     ``box`` is (x, y, w, h) and ``landmarks`` the detector's (5, 2) points in ``image_rgb`` pixels; without
-    landmarks the box alone sets position and scale (no rotation). ``image_rgb`` may also be grey (H, W).
+    landmarks (or with NaN among them) the box alone sets position and scale (no rotation). ``image_rgb``
+    may also be grey (H, W).
     Pixels outside the photo are filled by replicating its border, as a face cut by the edge is better
     completed with skin tones than with black, which FER2013 faces never contain.
     """
@@ -320,6 +321,8 @@ def crop_face_for_emotion(
     grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
     if grey.dtype != np.uint8:
         grey = np.clip(grey, 0, 255).astype(np.uint8)
+    if landmarks is not None and not np.isfinite(np.asarray(landmarks, dtype=np.float64)).all():
+        landmarks = None  # a detector that gives only some points (NaN for the rest): frame by the box
     matrix = _crop_transform(box, landmarks, margin)
     scale = float(np.hypot(matrix[0, 0], matrix[1, 0]))
     if scale < 0.5:
