@@ -6,6 +6,7 @@ not recognition quality), then times requests with httpx:
 
 * start-up: process start until ``/health/ready`` answers 200;
 * ``POST /api/verify`` with one 640x480 single-face photo (median and p90 of ``--requests``);
+* ``POST /api/emotion`` and ``POST /api/anti-spoof`` with the same photo;
 * ``POST /api/register`` with 3 photos of one person (then deleted again);
 * ``/health/live`` while 8 verify requests are in flight;
 * the server's resident memory now and at its peak (VmRSS / VmHWM).
@@ -156,6 +157,19 @@ def main() -> None:
                 verify_ms.append(elapsed)
             results["verify_p50_ms"] = round(statistics.median(verify_ms), 1)
             results["verify_p90_ms"] = round(float(np.percentile(verify_ms, 90)), 1)
+
+            for endpoint in ("emotion", "anti-spoof"):
+                timings = []
+                for _ in range(max(5, args.requests // 2)):
+                    elapsed, response = timed(
+                        lambda endpoint=endpoint: client.post(f"/api/{endpoint}", files={"file": ("p.jpg", photo)})
+                    )
+                    if response.status_code == 503:
+                        break  # the model is not installed here: nothing to time
+                    response.raise_for_status()
+                    timings.append(elapsed)
+                if timings:
+                    results[f"{endpoint.replace('-', '_')}_p50_ms"] = round(statistics.median(timings), 1)
 
             photos = register_photos()
             register_ms = []
