@@ -82,6 +82,7 @@ def load_models(state: AppState) -> Models:
         state.unavailable["emotion"] = exc.message
         logger.warning("Emotion analysis is off: %s", exc.message)
 
+    # Each model runs once here so that tracing and buffer allocation happen before /health/ready says yes.
     liveness = None
     if liveness_model is not None:
         liveness = LivenessAnalyzer(engine, liveness_model, settings.liveness_threshold, settings.max_image_pixels)
