@@ -93,9 +93,7 @@ def test_round_trip_through_a_new_instance(path: Path) -> None:
     again = NpzFaceStore(path)
     assert again.list_users() == ([alice, bob, carol], 3)
     assert again.get(alice.id).faces == 5
-    np.testing.assert_array_equal(
-        again.embeddings_of(alice.id), np.concatenate([vectors(1, 3), vectors(4, 2)])
-    )
+    np.testing.assert_array_equal(again.embeddings_of(alice.id), np.concatenate([vectors(1, 3), vectors(4, 2)]))
     np.testing.assert_array_equal(again.embeddings_of(carol.id), vectors(3, 2, 8))
     assert again.embeddings_of(carol.id).dtype == np.float32
     for record in (alice, bob, carol):
@@ -169,9 +167,7 @@ def test_equal_creation_times_are_ordered_by_id(path: Path) -> None:
     # written by the store's own serialiser, must list them by id.
     moment = datetime(2024, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     ids = ["c" * 32, "a" * 32, "b" * 32]
-    entries = [
-        _Entry(UserRecord(i, f"n{i[0]}", "m", moment, moment, 1), vectors(n, 1)) for n, i in enumerate(ids)
-    ]
+    entries = [_Entry(UserRecord(i, f"n{i[0]}", "m", moment, moment, 1), vectors(n, 1)) for n, i in enumerate(ids)]
     path.write_bytes(_serialize(_State.build(1, entries)))
     assert [r.id for r in NpzFaceStore(path).list_users()[0]] == sorted(ids)
 
@@ -332,21 +328,15 @@ CORRUPTIONS: dict[str, Callable[[dict[str, np.ndarray], bytes], bytes]] = {
     "missing embeddings": lambda arrays, valid: _npz({k: v for k, v in arrays.items() if k != "emb_0"}),
     "extra array": lambda arrays, valid: _npz({**arrays, "emb_7": arrays["emb_0"]}),
     "newer format version": lambda arrays, valid: _npz({**arrays, "format_version": np.array(2)}),
-    "no format version": lambda arrays, valid: _npz(
-        {k: v for k, v in arrays.items() if k != "format_version"}
-    ),
+    "no format version": lambda arrays, valid: _npz({k: v for k, v in arrays.items() if k != "format_version"}),
     "face count vs rows": lambda arrays, valid: _with_meta(arrays, lambda m: m["users"][0].update(faces=3)),
     "dimension vs model": lambda arrays, valid: _with_meta(arrays, lambda m: m["models"][0].update(dim=8)),
-    "duplicate id": lambda arrays, valid: _with_meta(
-        arrays, lambda m: m["users"][1].update(id=m["users"][0]["id"])
-    ),
+    "duplicate id": lambda arrays, valid: _with_meta(arrays, lambda m: m["users"][1].update(id=m["users"][0]["id"])),
     "naive timestamp": lambda arrays, valid: _with_meta(
         arrays, lambda m: m["users"][0].update(created_at="2024-01-01T00:00:00")
     ),
     "meta not JSON": lambda arrays, valid: _npz({**arrays, "meta": np.frombuffer(b"{nope", dtype=np.uint8)}),
-    "pickled object array": lambda arrays, valid: _npz(
-        {**arrays, "meta": np.array([{"users": []}], dtype=object)}
-    ),
+    "pickled object array": lambda arrays, valid: _npz({**arrays, "meta": np.array([{"users": []}], dtype=object)}),
     "float64 embeddings": lambda arrays, valid: _npz({**arrays, "emb_0": arrays["emb_0"].astype(np.float64)}),
     "NaN embedding": lambda arrays, valid: _npz({**arrays, "emb_0": np.full_like(arrays["emb_0"], np.nan)}),
 }
@@ -410,9 +400,7 @@ def test_gallery_contents(path: Path) -> None:
     for row, owner in zip(gallery.embeddings, gallery.owner, strict=True):
         user_id = gallery.user_ids[owner]
         assert any((row == e).all() for e in store.embeddings_of(user_id))
-    np.testing.assert_array_equal(
-        gallery.embeddings, np.concatenate([vectors(1, 2), vectors(4, 1), vectors(3, 1)])
-    )
+    np.testing.assert_array_equal(gallery.embeddings, np.concatenate([vectors(1, 2), vectors(4, 1), vectors(3, 1)]))
     assert store.gallery("m2").user_ids == (other.id,) and store.gallery("m2").embeddings.shape == (3, 8)
     with pytest.raises(ValueError):
         gallery.embeddings[0, 0] = 0.0
@@ -442,9 +430,7 @@ def test_gallery_is_cached_until_the_store_changes(path: Path) -> None:
 def test_gallery_of_a_large_store_is_constant_time_when_unchanged(path: Path) -> None:
     store = NpzFaceStore(path)
     entries = [
-        _Entry(
-            UserRecord(f"{i:032x}", f"u{i}", "m", datetime.now(UTC), datetime.now(UTC), 4), vectors(i, 4, 128)
-        )
+        _Entry(UserRecord(f"{i:032x}", f"u{i}", "m", datetime.now(UTC), datetime.now(UTC), 4), vectors(i, 4, 128))
         for i in range(5000)
     ]
     path.write_bytes(_serialize(_State.build(1, entries)))
