@@ -68,6 +68,9 @@ class Settings(BaseSettings):
 
     # --- emotion and liveness ------------------------------------------------------------------------
     emotion_model: str = Field("ours", description="ours, fer (mini-Xception baseline) or deepface")
+    emotion_tta: Literal["flip", "multicrop"] = Field(
+        "flip", description="test-time views our emotion model averages: flip (2 passes) or multicrop (14)"
+    )
     liveness_threshold: float = Field(0.5, ge=0.0, le=1.0)
     require_liveness: bool = False
 

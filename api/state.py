@@ -76,7 +76,7 @@ def load_models(state: AppState) -> Models:
 
     emotion = None
     try:
-        classifier = build_emotion_classifier(settings.emotion_model, settings.resources_dir)
+        classifier = build_emotion_classifier(settings.emotion_model, settings.resources_dir, settings.emotion_tta)
         emotion = EmotionAnalyzer(engine, classifier, settings.max_image_pixels)
     except FaceServiceError as exc:
         state.unavailable["emotion"] = exc.message
