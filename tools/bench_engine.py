@@ -42,7 +42,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,19 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
     chip = engine.align(photo, [face])
     chips = np.repeat(chip, BATCH, axis=0)  # content does not change a CNN's cost
 
+    @contextmanager
+    def flip_set(flip: bool) -> Iterator[None]:
+        """The embedder with flip TTA on or off for one call, then as configured again."""
+        configured, embedder.flip = embedder.flip, flip
+        try:
+            yield
+        finally:
+            embedder.flip = configured
+
     def embed(batch: np.ndarray, flip: bool) -> Callable[[], object]:
         def call() -> object:
-            embedder.flip = flip
-            try:
+            with flip_set(flip):
                 return embedder.embed(batch)
-            finally:
-                embedder.flip = True
 
         return call
 
@@ -202,13 +209,10 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
 
     def end_to_end(flip: bool, using: FaceEngine = engine) -> Callable[[], object]:
         def call() -> object:
-            embedder.flip = flip
-            try:
+            with flip_set(flip):
                 image = decode_image(jpeg)
                 subject = using.select_face(image, using.detect(image), "largest")
                 return using.embed(image, [subject])[0]
-            finally:
-                embedder.flip = True
 
         return call
 
@@ -255,24 +259,24 @@ def dlib_measurements(jpeg: bytes, photo: np.ndarray) -> tuple[list[Measurement]
     rects = list(detector(photo, 0))
     if not rects:
         raise SystemExit("dlib's HOG detector found no face in the benchmark photo.")
+
+    def chip_of(image: np.ndarray, rect: Any) -> np.ndarray:
+        """dlib's own alignment: 5 landmarks, then the 150x150 chip its ResNet was trained on."""
+        return dlib.get_face_chip(image, predictor(image, rect), size=150, padding=0.25)
+
     rect = max(rects, key=lambda r: r.area())
-    chip = dlib.get_face_chip(photo, predictor(photo, rect), size=150, padding=0.25)
+    chip = chip_of(photo, rect)
     chips = [chip] * BATCH
 
     def end_to_end() -> np.ndarray:
         image = decode_image(jpeg)
-        found = list(detector(image, 0))
-        largest = max(found, key=lambda r: r.area())
-        aligned = dlib.get_face_chip(image, predictor(image, largest), size=150, padding=0.25)
-        return np.asarray(model.compute_face_descriptor(aligned), np.float32)
+        largest = max(detector(image, 0), key=lambda r: r.area())
+        return np.asarray(model.compute_face_descriptor(chip_of(image, largest)), np.float32)
 
     measurements = [
         Measurement("dlib detect (HOG, no upsampling)", lambda: detector(photo, 0)),
         Measurement("dlib detect (HOG, upsample 1)", lambda: detector(photo, 1)),
-        Measurement(
-            "dlib align (5 points + get_face_chip)",
-            lambda: dlib.get_face_chip(photo, predictor(photo, rect), size=150, padding=0.25),
-        ),
+        Measurement("dlib align (5 points + get_face_chip)", lambda: chip_of(photo, rect)),
         Measurement("dlib embed batch 1", lambda: model.compute_face_descriptor(chip)),
         Measurement(f"dlib embed batch {BATCH} (one call)", lambda: model.compute_face_descriptor(chips), BATCH),
         Measurement("dlib end to end", end_to_end),
@@ -342,33 +346,30 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         run_rounds(measurements, args.rounds)
     by_name = {m.name: m for m in measurements}
 
-    def at_most(what: str, name: str, limit: float | None) -> dict[str, Any]:
-        m = by_name[name]
-        wall, cpu = m.median, float(np.median(m.cpu))
-        target = "(info)" if limit is None else f"<= {limit:g} ms"
+    def row(
+        what: str, unit: str, wall: float, cpu: float, target: str | None, meets: Callable[[float], bool]
+    ) -> dict[str, Any]:
+        """One comparison: the wall-clock and CPU-time figures, and whether each meets the target."""
         return {
             "what": what,
-            "unit": "ms",
+            "unit": unit,
             "wall": round(wall, 3),
             "cpu": round(cpu, 3),
-            "target": target,
-            "met": None if limit is None else wall <= limit,
-            "met_by_cpu": None if limit is None else cpu <= limit,
+            "target": target or "(info)",
+            "met": None if target is None else meets(wall),
+            "met_by_cpu": None if target is None else meets(cpu),
         }
+
+    def at_most(what: str, name: str, limit: float | None) -> dict[str, Any]:
+        m = by_name[name]
+        target = None if limit is None else f"<= {limit:g} ms"
+        return row(what, "ms", m.median, float(np.median(m.cpu)), target, lambda v: v <= limit)
 
     def times_faster(what: str, slow: str, fast: str, factor: float | None) -> dict[str, Any]:
         a, b = by_name[slow], by_name[fast]
         wall, cpu = a.median / b.median, float(np.median(a.cpu) / np.median(b.cpu))
-        target = "(info)" if factor is None else f">= {factor:g}x"
-        return {
-            "what": what,
-            "unit": "x",
-            "wall": round(wall, 3),
-            "cpu": round(cpu, 3),
-            "target": target,
-            "met": None if factor is None else wall >= factor,
-            "met_by_cpu": None if factor is None else cpu >= factor,
-        }
+        target = None if factor is None else f">= {factor:g}x"
+        return row(what, "x", wall, cpu, target, lambda v: v >= factor)
 
     keras_b8, keras_b8_flip = f"ours embed batch {BATCH}, no flip", f"ours embed batch {BATCH}, flip"
     e2e, e2e_noflip = "ours end to end, flip (default)", "ours end to end, no flip"

@@ -184,14 +184,13 @@ class FacePreparer:
             self._detector = YuNetDetector()
         return self._detector
 
-    def __call__(self, sample: Sample, use_landmarks: bool = True) -> np.ndarray | None:
+    def __call__(self, sample: Sample) -> np.ndarray | None:
         if sample.face is not None:
             return sample.face
         faces = self.detector().detect(sample.photo)  # type: ignore[attr-defined]
         if not faces:
             return None
-        face = faces[0]
-        return crop_face_for_emotion(sample.photo, face.box, face.landmarks if use_landmarks else None, self.margin)
+        return crop_face_for_emotion(sample.photo, faces[0].box, faces[0].landmarks, self.margin)
 
 
 def predict_set(classifier: EmotionClassifier, faces: list[np.ndarray | None], batch_size: int = 256) -> np.ndarray:
@@ -452,8 +451,7 @@ def crop_sweep(args: argparse.Namespace) -> int:
     photos = standard_suite()[1:]
     photo_samples = [s for eval_set in photos for s in eval_set.samples]
     # Detect once per image; only the crop depends on the margin.
-    prepare = FacePreparer(1.0)
-    detector = prepare.detector()
+    detector = FacePreparer(None).detector()
     detections = {id(s): detector.detect(s.photo) for s in upscaled + photo_samples}  # type: ignore[attr-defined]
 
     def crops(samples: list[Sample], margin: float, landmarks: bool) -> list[np.ndarray | None]:

@@ -34,62 +34,39 @@ import os
 import platform
 import shlex
 import time
-import zipfile
 
-import cv2
 import numpy as np
 
+from api.services.emotion import EMOTION_LABELS, FACE_SIZE, tta_views
 from tools.common import FACEDATA
+from tools.eval_emotion import load_source
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ZIP = FACEDATA / "emotion" / "fer2013_train_publictest.zip"
 DEFAULT_PRIVATE = FACEDATA / "emotion" / "fer2013_privatetest"
-EMOTION_LABELS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
-SIZE = 48
-# Model-card sections that tools/eval_emotion.py writes; a new training run keeps them.
-EVAL_SECTIONS = ("\n## Comparison with the baselines", "\n## Face crop for photos", "\n## Inference time")
+SIZE = FACE_SIZE
+# Model-card sections that tools/eval_emotion.py writes (or that quote its runs); a new training run keeps them.
+EVAL_SECTIONS = (
+    "\n## Comparison with the baselines",
+    "\n## Face crop for photos",
+    "\n## Test-time views",
+    "\n## Inference time",
+)
 
 
 # ----------------------------------------------------------------------------------------------- data
-def load_zip_split(zip_path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All ``<split>/<label>/*.jpg`` of the zip as (N, 48, 48) uint8 and (N,) int label indices.
+def load_split(spec: str) -> tuple[np.ndarray, np.ndarray]:
+    """FER2013 faces of ``spec`` (``archive.zip:split`` or a ``<label>/<image>`` folder, read by
+    ``tools.eval_emotion.load_source``) as (N, 48, 48) uint8 and (N,) int label indices.
 
     Decoded once into memory (28k x 48 x 48 bytes is 65 MB): the tf.data pipeline then only slices it.
     """
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    with zipfile.ZipFile(zip_path) as archive:
-        for name in sorted(archive.namelist()):
-            parts = name.split("/")
-            if len(parts) != 3 or parts[0] != split or not parts[2].lower().endswith((".jpg", ".png")):
-                continue
-            if parts[1] not in EMOTION_LABELS:
-                raise ValueError(f"unknown label folder {parts[1]!r} in {zip_path}")
-            buffer = np.frombuffer(archive.read(name), dtype=np.uint8)
-            image = cv2.imdecode(buffer, cv2.IMREAD_GRAYSCALE)
-            if image is None or image.shape != (SIZE, SIZE):
-                raise ValueError(f"{name}: not a 48x48 grey image")
-            images.append(image)
-            labels.append(EMOTION_LABELS.index(parts[1]))
-    if not images:
-        raise ValueError(f"no images under {split}/ in {zip_path}")
-    return np.stack(images), np.asarray(labels, dtype=np.int32)
-
-
-def load_folder(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A ``<label>/<image>`` folder (the PrivateTest half) as (N, 48, 48) uint8 and labels."""
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    for index, label in enumerate(EMOTION_LABELS):
-        for path in sorted((folder / label).glob("*")):
-            image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-            if image is None:
-                continue
-            if image.shape != (SIZE, SIZE):
-                image = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-            images.append(image)
-            labels.append(index)
-    return np.stack(images), np.asarray(labels, dtype=np.int32)
+    samples = load_source(spec).samples
+    if not samples:
+        raise ValueError(f"no labelled images in {spec}")
+    if any(sample.face is None for sample in samples):
+        raise ValueError(f"{spec}: not all images are face crops (at most 64 px)")
+    return np.stack([s.face for s in samples]), np.asarray([s.label for s in samples], dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------------- augmentation
@@ -192,11 +169,10 @@ def build_model(widths: tuple[int, ...], convs_per_block: int, dropout: float, w
 
 # ------------------------------------------------------------------------------------------- evaluation
 def predict_tta(model: object, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Mean of the softmax for each image and its mirror image (N,7); the service does the same."""
-    x = images.astype(np.float32)[..., None]
-    plain = model.predict(x, batch_size=batch_size, verbose=0)
-    flipped = model.predict(x[:, :, ::-1], batch_size=batch_size, verbose=0)
-    return (plain + flipped) / 2.0
+    """Mean of the softmax for each image and its mirror image (N,7): the service's default "flip" views."""
+    views = tta_views(images.astype(np.float32)[..., None], "flip")
+    probabilities = model.predict(views, batch_size=batch_size, verbose=0)
+    return probabilities.reshape(2, len(images), -1).mean(axis=0)
 
 
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, object]:
@@ -259,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     keras.mixed_precision.set_global_policy(args.precision)
 
     started = time.time()
-    x_train, y_train = load_zip_split(args.zip, "train")
-    x_val, y_val = load_zip_split(args.zip, "publictest")
+    x_train, y_train = load_split(f"{args.zip}:train")
+    x_val, y_val = load_split(f"{args.zip}:publictest")
     if args.train_limit:
         keep = np.random.default_rng(args.seed).permutation(len(x_train))[: args.train_limit]
         x_train, y_train = x_train[keep], y_train[keep]
@@ -417,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = export.predict(x.astype(np.float32)[..., None], batch_size=256, verbose=0)
         results[split] = {"plain": scores(plain, y), "tta": scores(predict_tta(export, x), y)}
     if args.private.is_dir():
-        x_private, y_private = load_folder(args.private)
+        x_private, y_private = load_split(str(args.private))
         plain = export.predict(x_private.astype(np.float32)[..., None], batch_size=256, verbose=0)
         results["PrivateTest (half)"] = {
             "plain": scores(plain, y_private),

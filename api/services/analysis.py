@@ -39,14 +39,6 @@ def _faces_of(engine: FaceEngine, data: bytes, max_pixels: int, all_faces: bool)
     return image, faces if all_faces else faces[:1]
 
 
-def _complete(landmarks: np.ndarray | None) -> np.ndarray | None:
-    """All five points, or None: deepface's detectors give only the eyes (the rest NaN), and the emotion
-    crop then frames the face from its box instead."""
-    if landmarks is None or not np.isfinite(landmarks).all():
-        return None
-    return landmarks
-
-
 class EmotionAnalyzer:
     def __init__(self, engine: FaceEngine, classifier: EmotionClassifier, max_pixels: int) -> None:
         self.engine = engine
@@ -55,7 +47,7 @@ class EmotionAnalyzer:
 
     def analyze(self, data: bytes, all_faces: bool = True) -> list[FaceEmotionOutcome]:
         image, faces = _faces_of(self.engine, data, self.max_pixels, all_faces)
-        crops = np.stack([crop_face_for_emotion(image, f.box, _complete(f.landmarks)) for f in faces])
+        crops = np.stack([crop_face_for_emotion(image, f.box, f.landmarks) for f in faces])
         probabilities = self.classifier.predict(crops)
         return [
             FaceEmotionOutcome(face, {label: float(p) for label, p in zip(EMOTION_LABELS, row, strict=True)})

@@ -114,13 +114,17 @@ TTA_MODES = ("flip", "multicrop")
 TTA_SHIFT = 2  # pixels
 
 
+def _check_tta_mode(mode: str) -> None:
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
+
+
 def tta_views(faces: Any, mode: str) -> Any:
     """The views of a batch (N, 48, 48, 1) float tensor as one (V*N, 48, 48, 1) tensor, view-major, mirror
     images included (V = 2 for "flip", 14 for "multicrop"). Borders are filled by reflection, as in training."""
     import tensorflow as tf
 
-    if mode not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
+    _check_tta_mode(mode)
     views = [faces]
     if mode == "multicrop":
         pad = TTA_SHIFT
@@ -148,8 +152,7 @@ class KerasEmotionClassifier:
     name = "ours"
 
     def __init__(self, path: Path | str, precision: str = "float32", tta: str = "flip") -> None:
-        if tta not in TTA_MODES:
-            raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {tta!r}")
+        _check_tta_mode(tta)  # before the model loads, not when the first trace fails
         path = Path(path)
         if not path.is_file():
             raise ModelUnavailableError(
@@ -170,9 +173,8 @@ class KerasEmotionClassifier:
             model = _bfloat16_copy(model)
             precision = "bfloat16"
         self.precision = "float32" if precision == "auto" else precision
-        self._model = model
-
         self.tta = tta
+        self._model = model
 
         # One traced graph for any batch size: model.predict() rebuilds a data pipeline per call (tens of
         # ms), and calling the model eagerly dispatches op by op; a tf.function with a fixed signature

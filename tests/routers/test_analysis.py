@@ -6,7 +6,7 @@ response was a 500 or carried a traceback). Photos from ``../shared`` are used w
 
 from __future__ import annotations
 
-import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +24,6 @@ JPEG = "image/jpeg"
 
 def post_image(client: TestClient, path: str, data: bytes, name: str = "face.jpg", **form: Any) -> httpx.Response:
     return client.post(path, data=form, files={"file": (name, data, JPEG)})
-
-
-def jpeg(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
 def analysis_available(client: TestClient, feature: str) -> None:
@@ -56,13 +50,13 @@ def check_emotion_face(face: dict[str, Any], width: int, height: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def big_and_small_jpeg(astronaut: np.ndarray) -> tuple[bytes, int, int]:
+def big_and_small_jpeg(astronaut: np.ndarray, to_jpeg: Callable[..., bytes]) -> tuple[bytes, int, int]:
     """The astronaut beside a copy of itself at 60%: two faces of clearly different sizes, smaller one first."""
     small = np.asarray(Image.fromarray(astronaut).resize((307, 307), Image.Resampling.LANCZOS))
     canvas = np.full((512, 307 + 512, 3), 255, np.uint8)
     canvas[:307, :307] = small
     canvas[:, 307:] = astronaut
-    return jpeg(canvas), canvas.shape[1], canvas.shape[0]
+    return to_jpeg(canvas), canvas.shape[1], canvas.shape[0]
 
 
 # --- emotion ---------------------------------------------------------------------------------------------
