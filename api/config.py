@@ -4,7 +4,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     # --- storage -------------------------------------------------------------------------------------
     store_path: Path = REPO_ROOT / "face_database.npz"
     store_lock_timeout_s: float = 30.0
+    # postgresql://user:password@host:port/database selects the PostgreSQL + pgvector store (several nodes,
+    # millions of users); unset, the .npz file at store_path. Never logged or shown (repr=False).
+    store_url: str | None = Field(None, repr=False)
+    store_pool_size: int = Field(8, ge=1, description="Connections per service process (PostgreSQL store)")
+    store_timeout_s: float = Field(5.0, gt=0, description="Wait for a database connection before 503")
+    store_hnsw_ef_search: int = Field(100, ge=1, le=1000, description="HNSW candidate list per search")
+
+    @field_validator("store_url", mode="before")
+    @classmethod
+    def _empty_url_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     # --- serving -------------------------------------------------------------------------------------
     inference_threads: int = Field(2, ge=1)

@@ -13,8 +13,8 @@ from api.security import API_KEY_HEADER, AuditLog, Caller
 from api.services.analysis import EmotionAnalyzer, LivenessAnalyzer
 from api.services.inference import InferenceRunner
 from api.services.recognition import ImageUpload, RecognitionService
-from api.services.store import FaceStore
 from api.state import AppState, Models
+from api.store import FaceStore
 
 
 class NotReadyError(FaceServiceError):

@@ -100,6 +100,27 @@ class StoreLockTimeoutError(FaceServiceError):
     status = 503
 
 
+class StoreUnavailableError(FaceServiceError):
+    """The database behind the store cannot be reached (or failed mid-request); nothing was half-written."""
+
+    code = "STORE_UNAVAILABLE"
+    status = 503
+
+
+class StoreSchemaError(FaceServiceError):
+    """The database holds a schema this code cannot use (a newer version); refusing beats guessing."""
+
+    code = "STORE_SCHEMA_UNSUPPORTED"
+    status = 500
+
+
+class StoreConfigError(FaceServiceError):
+    """FACE_STORE_URL (or another store setting) is not usable; raised at start-up."""
+
+    code = "STORE_CONFIG_INVALID"
+    status = 500
+
+
 class ModelUnavailableError(FaceServiceError):
     """A configured model file is missing or cannot be loaded."""
 

@@ -18,11 +18,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import __version__
 from api.config import Settings, get_settings
-from api.errors import FaceServiceError
+from api.errors import FaceServiceError, StoreUnavailableError
 from api.routers import analysis, health, recognition, users
 from api.security import AuditLog, Authenticator, RateLimiter, check_startup_security
 from api.services.inference import InferenceRunner
-from api.state import AppState, load_models, open_store
+from api.state import AppState, load_models
+from api.store import open_store
 
 logger = logging.getLogger("api")
 
@@ -56,11 +57,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The store opens synchronously: a corrupt file must stop start-up, not a later request.
+        # The store opens synchronously: a corrupt file, a bad FACE_STORE_URL or a database schema newer than
+        # this code must stop start-up, not a later request. A database that is merely down must not: the
+        # service starts, /health/ready answers 503 with the reason, and it is ready once the database is back.
         check_startup_security(settings)
+        store = open_store(settings)
+        try:
+            await anyio.to_thread.run_sync(store.check)
+        except StoreUnavailableError as exc:
+            logger.warning("Starting without the store; /health/ready answers 503 until it is back: %s", exc.message)
         state = AppState(
             settings=settings,
-            store=open_store(settings),
+            store=store,
             runner=InferenceRunner(settings.inference_threads, settings.inference_timeout_s),
             authenticator=Authenticator(settings.api_keys),
             rate_limiter=RateLimiter(settings.rate_limit),
@@ -73,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             loader.cancel()
+            store.close()
 
     app = FastAPI(
         title="Face recognition service",

@@ -15,7 +15,7 @@ from api.services.analysis import EmotionAnalyzer, LivenessAnalyzer
 from api.services.inference import InferenceRunner
 from api.services.matching import Calibration
 from api.services.recognition import RecognitionService
-from api.services.store import FaceStore, NpzFaceStore
+from api.store import FaceStore
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Models:
 @dataclass
 class AppState:
     settings: Settings
-    store: FaceStore
+    store: FaceStore  # the only holder of the store: services receive it per call
     runner: InferenceRunner
     authenticator: Authenticator
     rate_limiter: RateLimiter
@@ -45,15 +45,6 @@ class AppState:
     @property
     def ready(self) -> bool:
         return self.models is not None
-
-
-def open_store(settings: Settings) -> FaceStore:
-    """Opening reads and validates the file: a corrupt store stops start-up here, untouched."""
-    return NpzFaceStore(
-        settings.store_path,
-        lock_timeout_s=settings.store_lock_timeout_s,
-        encryption_key=settings.store_encryption_key,
-    )
 
 
 def load_models(state: AppState) -> Models:
@@ -90,7 +81,7 @@ def load_models(state: AppState) -> Models:
     if emotion is not None:
         emotion.classifier.predict(np.zeros((1, 48, 48), np.uint8))
 
-    recognition = RecognitionService(engine, state.store, calibration, settings, liveness_model)
+    recognition = RecognitionService(engine, calibration, settings, liveness_model)
     names = {
         "detector": engine.detector.name,
         "embedder": engine.model_id,

@@ -181,19 +181,17 @@ def app_client(tmp_path_factory: pytest.TempPathFactory, keras_model_path: Path,
 
 @pytest.fixture
 def client(app_client, response_log: ResponseLog, tmp_path: Path):
-    """The session client on an empty store of its own: the app and the recognition service both use it."""
-    from api.services.store import NpzFaceStore
+    """The session client on an empty store of its own (the app state is the store's only holder)."""
+    from api.store.npz import NpzFaceStore
 
     state = app_client.app.state.face
-    recognition = state.models.recognition
-    saved = state.store, recognition.store
-    store = NpzFaceStore(tmp_path / "face_database.npz", lock_timeout_s=state.settings.store_lock_timeout_s)
-    state.store = recognition.store = store
+    saved = state.store
+    state.store = NpzFaceStore(tmp_path / "face_database.npz", lock_timeout_s=state.settings.store_lock_timeout_s)
     response_log.responses.clear()
     try:
         yield app_client
     finally:
-        state.store, recognition.store = saved
+        state.store = saved
     problems = response_log.problems()
     response_log.responses.clear()
     assert not problems, "responses that must never happen:\n" + "\n".join(problems)

@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.services.store import NpzFaceStore
+from api.store.npz import NpzFaceStore
 from tools.common import FACEDATA
 
 JPEG = "image/jpeg"

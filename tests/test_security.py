@@ -426,7 +426,7 @@ def test_deleted_user_leaves_no_trace_in_the_store_file(
     assert all(row.astype(np.float32).tobytes() in after for row in kept_rows)
     assert kept_id.encode() in after
 
-    from api.services.store import NpzFaceStore
+    from api.store.npz import NpzFaceStore
 
     reopened = NpzFaceStore(path)
     assert [u.id for u in reopened.list_users()[0]] == [kept_id]

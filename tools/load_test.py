@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from api.config import REPO_ROOT
-from api.services.store import NpzFaceStore
+from api.store.npz import NpzFaceStore
 from tools.common import FACEDATA
 
 

@@ -1,14 +1,16 @@
-"""Crash test of the embedding store: kill a writer with SIGKILL at random moments, check nothing is lost.
+"""Crash test of the face store: kill a writer with SIGKILL at random moments, check nothing is lost.
 
-Each round starts a writer process that registers users, adds faces and deletes users on one store file
+Works on both backends: an ``.npz`` file, or a PostgreSQL database (``--store postgresql://...``).
+Each round starts a writer process that registers users, adds faces and deletes users on one store
 in a loop, announcing each operation before it starts (``BEGIN``) and after the store acknowledged it
 (``ACK``). The writer is killed with SIGKILL after a random delay; the store is then loaded by a fresh
 process-local instance and compared with the acknowledged operations: every acknowledged registration,
 face addition and deletion must be there exactly (names and descriptor values), the one operation in
 flight at the kill may or may not be, and nothing else may be.
 
-    python -m tools.store_crash_test --kills 50            # prints the counts, exit 1 on any loss
-    python -m tools.store_crash_test writer PATH TAG       # the writer itself (used by the loop and tests)
+    python -m tools.store_crash_test --kills 50                      # a fresh .npz; exit 1 on any loss
+    python -m tools.store_crash_test --kills 50 --store postgresql://...   # an empty PostgreSQL database
+    python -m tools.store_crash_test writer LOCATION TAG             # the writer itself (loop and tests)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file: make ``api`` importable without installing the project
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.services.store import NpzFaceStore, UserRecord
+from api.store import FaceStore, UserRecord, open_store_at
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID = "crash-test-model"
@@ -42,9 +44,10 @@ def faces_for(seed: int, count: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((count, DIM)).astype(np.float32)
 
 
-def run_writer(path: Path, tag: str) -> None:
+def run_writer(location: str, tag: str) -> None:
     """Write forever (until killed), printing BEGIN before and ACK after every store operation."""
-    store = NpzFaceStore(path)
+    store = open_store_at(location)
+    store.check()  # connect (PostgreSQL) before READY, so that kills land in writes, not in start-up
     rng = random.Random(f"{tag}-{os.getpid()}")
     own: list[str] = []  # users this writer registered: the only ones it changes, so rounds never collide
     out = sys.stdout
@@ -107,14 +110,43 @@ class Report:
         return self.lost_or_wrong == 0 and self.unexplained_users == 0 and self.failed_loads == 0
 
 
-def writer_command(path: Path, tag: str) -> list[str]:
-    return [sys.executable, "-m", "tools.store_crash_test", "writer", str(path), tag]
+def is_url(location: str) -> bool:
+    return "://" in location
 
 
-def kill_one_writer(path: Path, tag: str, max_delay_s: float, rng: random.Random) -> list[str]:
+def writer_location(location: str, tag: str) -> str:
+    """The writer's PostgreSQL connections carry its tag as application_name, so the checker can wait until
+    the database has finished with a killed writer's session (a commit it had sent may still be running)."""
+    if not is_url(location):
+        return location
+    return f"{location}{'&' if '?' in location else '?'}application_name=crash-writer-{tag}"
+
+
+def writer_command(location: str, tag: str) -> list[str]:
+    return [sys.executable, "-m", "tools.store_crash_test", "writer", writer_location(location, tag), tag]
+
+
+def wait_for_sessions_to_end(location: str, tag: str, timeout_s: float = 30.0) -> None:
+    if not is_url(location):
+        return
+    import psycopg
+
+    deadline = time.monotonic() + timeout_s
+    with psycopg.connect(location, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (f"crash-writer-{tag}",)
+            ).fetchone()
+            if row is not None and row[0] == 0:
+                return
+            time.sleep(0.02)
+    raise RuntimeError(f"the killed writer's database sessions did not end within {timeout_s:g} s")
+
+
+def kill_one_writer(location: str, tag: str, max_delay_s: float, rng: random.Random) -> list[str]:
     """Start a writer, SIGKILL it after a random delay, return every line it printed."""
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(REPO_ROOT)}
-    proc = subprocess.Popen(writer_command(path, tag), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
+    proc = subprocess.Popen(writer_command(location, tag), cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     first = proc.stdout.readline().decode("utf-8").strip()
     if first != "READY":
@@ -125,10 +157,11 @@ def kill_one_writer(path: Path, tag: str, max_delay_s: float, rng: random.Random
     os.kill(proc.pid, signal.SIGKILL)
     rest = proc.stdout.read().decode("utf-8")  # what it printed before dying stays in the pipe
     proc.wait()
+    wait_for_sessions_to_end(location, tag)
     return rest.splitlines()
 
 
-def check_round(path: Path, lines: list[str], expected: Expected, report: Report) -> None:
+def check_round(location: str, lines: list[str], expected: Expected, report: Report) -> None:
     """Apply the acknowledged operations to ``expected``, then compare with what the file holds."""
     pending: list[str] | None = None
     for line in lines:
@@ -144,10 +177,14 @@ def check_round(path: Path, lines: list[str], expected: Expected, report: Report
             report.acknowledged_deletes += kind == "delete"
             pending = None
 
-    prefix = f".{path.name}."
-    report.killed_mid_write += any(p.name.startswith(prefix) and p.name.endswith(".tmp") for p in path.parent.iterdir())
+    if not is_url(location):
+        path = Path(location)
+        prefix = f".{path.name}."
+        report.killed_mid_write += any(
+            p.name.startswith(prefix) and p.name.endswith(".tmp") for p in path.parent.iterdir()
+        )
     try:
-        store = NpzFaceStore(path)
+        store = open_store_at(location)
     except Exception as exc:  # any failure to load after a kill is what this tool exists to find
         report.failed_loads += 1
         report.problems.append(f"load failed: {exc!r}")
@@ -172,6 +209,7 @@ def check_round(path: Path, lines: list[str], expected: Expected, report: Report
     report.unexplained_users += len(extra)
     report.problems.extend(f"unexplained user {user_id}" for user_id in sorted(extra))
     report.users_at_end = len(records)
+    store.close()
 
 
 def _apply(expected: Expected, op: list[str], acked_id: str | None) -> None:
@@ -187,7 +225,7 @@ def _apply(expected: Expected, op: list[str], acked_id: str | None) -> None:
 
 
 def _in_flight_applied(
-    store: NpzFaceStore, records: dict[str, UserRecord], expected: Expected, op: list[str]
+    store: FaceStore, records: dict[str, UserRecord], expected: Expected, op: list[str]
 ) -> str | None:
     """Whether the unacknowledged operation reached the file; returns the id to record it under, else None."""
     kind = op[0]
@@ -204,15 +242,15 @@ def _in_flight_applied(
     return None
 
 
-def run(path: Path, kills: int, max_delay_s: float, seed: int) -> Report:
+def run(location: str, kills: int, max_delay_s: float, seed: int) -> Report:
     rng = random.Random(seed)
     expected = Expected()
     report = Report()
     started = time.perf_counter()
     for round_no in range(kills):
-        lines = kill_one_writer(path, f"r{round_no}", max_delay_s, rng)
+        lines = kill_one_writer(location, f"r{round_no}", max_delay_s, rng)
         report.kills += 1
-        check_round(path, lines, expected, report)
+        check_round(location, lines, expected, report)
     report.seconds = round(time.perf_counter() - started, 2)
     return report
 
@@ -220,18 +258,23 @@ def run(path: Path, kills: int, max_delay_s: float, seed: int) -> Report:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["writer"]:
-        run_writer(Path(args[1]), args[2])
+        run_writer(args[1], args[2])
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--max-delay", type=float, default=0.3, help="seconds after start-up to kill within")
-    parser.add_argument("--path", type=Path, help="store file (default: a fresh temporary folder)")
+    parser.add_argument(
+        "--store",
+        "--path",
+        dest="store",
+        help="an .npz path or an empty PostgreSQL database's postgresql:// URL (default: a fresh .npz file)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     options = parser.parse_args(args)
     with tempfile.TemporaryDirectory(prefix="store-crash-") as tmp:
-        path = options.path or Path(tmp) / "face_database.npz"
-        report = run(path, options.kills, options.max_delay, options.seed)
+        location = options.store or str(Path(tmp) / "face_database.npz")
+        report = run(location, options.kills, options.max_delay, options.seed)
     if options.json:
         print(json.dumps({**asdict(report), "ok": report.ok}, ensure_ascii=False, indent=2))
     else:

@@ -4,7 +4,7 @@ from api.schemas.common import ErrorBody, FaceBox
 from api.schemas.users import RegisterResult, RejectedFile, User
 from api.services.detection import DetectedFace
 from api.services.recognition import RegisterOutcome
-from api.services.store import UserRecord
+from api.store import UserRecord
 
 
 def box_of(face: DetectedFace) -> list[int]:

@@ -4,7 +4,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile, status
 
-from api.deps import AdminDep, AuditDep, ClientDep, RecognitionDep, RunnerDep, SettingsDep, read_upload, read_uploads
+from api.deps import (
+    AdminDep,
+    AuditDep,
+    ClientDep,
+    RecognitionDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+    read_upload,
+    read_uploads,
+)
 from api.routers._convert import face_box, register_result
 from api.schemas.common import error_responses
 from api.schemas.recognition import CompareResult, MatchCandidate, UserRef, VerifyResult
@@ -35,6 +45,7 @@ async def register(
     caller: AdminDep,
     audit: AuditDep,
     recognition: RecognitionDep,
+    store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
     name: Annotated[str, Form(min_length=1, max_length=200, examples=["Ada Lovelace"])],
@@ -44,7 +55,7 @@ async def register(
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.register, name, uploads, allow_duplicate, check)
+    outcome = await runner.run(recognition.register, store, name, uploads, allow_duplicate, check)
     audit.record(caller, "register", outcome.user.id, faces=outcome.user.faces)
     return register_result(outcome)
 
@@ -53,13 +64,15 @@ async def register(
     "/verify",
     response_model=VerifyResult,
     summary="Identify the largest face among all registered users (1:N)",
-    description="An empty gallery answers `verified: false`. The default threshold grows with the number of "
+    description="1:N identification (the path keeps its historical name): the store searches every registered "
+    "user's faces. An empty gallery answers `verified: false`. The default threshold grows with the number of "
     "registered users so that the chance of matching a stranger to someone stays near 1%.",
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def verify(
     _: ClientDep,
     recognition: RecognitionDep,
+    store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
     file: Annotated[UploadFile, File(description="A photo with the face to identify")],
@@ -69,7 +82,7 @@ async def verify(
 ) -> VerifyResult:
     upload = await read_upload(file, settings)
     check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.verify, upload, threshold, top_k, check)
+    outcome = await runner.run(recognition.verify, store, upload, threshold, top_k, check)
     best = outcome.best
     return VerifyResult(
         verified=outcome.verified,

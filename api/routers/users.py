@@ -64,6 +64,7 @@ async def add_faces(
     caller: AdminDep,
     audit: AuditDep,
     recognition: RecognitionDep,
+    store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
     user_id: UserId,
@@ -73,6 +74,6 @@ async def add_faces(
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.add_faces, user_id, uploads, allow_duplicate, check)
+    outcome = await runner.run(recognition.add_faces, store, user_id, uploads, allow_duplicate, check)
     audit.record(caller, "add_faces", user_id, faces=outcome.user.faces)
     return register_result(outcome)

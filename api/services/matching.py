@@ -1,4 +1,4 @@
-"""Similarity scores, calibrated thresholds and vectorised 1:N search.
+"""Similarity scores and calibrated thresholds (the 1:N search itself is the store's: ``api.store``).
 
 Descriptors are unit vectors. ``distance`` is their Euclidean distance (0..2) and ``similarity`` is
 ``1 - distance**2 / 4`` = ``(1 + cosine) / 2``: in [0, 1], higher = more alike, a monotone function of
@@ -66,35 +66,3 @@ class Calibration:
         """Stricter as the gallery grows, never looser than the 1:1 threshold."""
         per_comparison = self.identify_fpir / max(gallery_users, 1)
         return max(self.threshold_at_fmr(per_comparison), self.compare_threshold)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    index: int  # the user's position in the gallery
-    similarity: float
-
-    @property
-    def distance(self) -> float:
-        return float(distance_from_similarity(self.similarity))
-
-
-def user_scores(gallery_embeddings: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray) -> np.ndarray:
-    """Similarity of ``probe`` to every user: the best over that user's stored faces (one matrix product).
-
-    Best-of-faces measured better than comparing with each user's mean descriptor on LFW (see README).
-    """
-    if n_users == 0:
-        return np.zeros(0, np.float64)
-    cosines = gallery_embeddings @ probe.astype(np.float32)
-    best = np.full(n_users, -1.0, np.float32)
-    np.maximum.at(best, owner, cosines)
-    return np.asarray(similarity_from_cosine(best.astype(np.float64)))
-
-
-def top_candidates(scores: np.ndarray, top_k: int) -> list[Candidate]:
-    if scores.size == 0 or top_k <= 0:
-        return []
-    k = min(top_k, scores.size)
-    best = np.argpartition(-scores, k - 1)[:k]
-    best = best[np.argsort(-scores[best], kind="stable")]
-    return [Candidate(int(i), float(scores[i])) for i in best]

@@ -23,15 +23,8 @@ from api.services.detection import DetectedFace
 from api.services.engine import FaceEngine, FaceSelection
 from api.services.imaging import decode_image
 from api.services.liveness import MiniFASNetLiveness
-from api.services.matching import (
-    Calibration,
-    Candidate,
-    distance_from_similarity,
-    similarity_from_cosine,
-    top_candidates,
-    user_scores,
-)
-from api.services.store import FaceStore, UserRecord
+from api.services.matching import Calibration, distance_from_similarity, similarity_from_cosine
+from api.store import FaceStore, SearchResult, UserMatch, UserRecord
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +88,11 @@ class RecognitionService:
     def __init__(
         self,
         engine: FaceEngine,
-        store: FaceStore,
         calibration: Calibration,
         settings: Settings,
         liveness: MiniFASNetLiveness | None = None,
     ) -> None:
         self.engine = engine
-        self.store = store
         self.calibration = calibration
         self.settings = settings
         self.liveness = liveness
@@ -189,55 +180,55 @@ class RecognitionService:
                     threshold=round(threshold, 4),
                 )
 
-    def _check_not_duplicate(self, embeddings: np.ndarray, except_user: str | None = None) -> None:
-        gallery = self.store.gallery(self.engine.model_id)
-        if len(gallery.user_ids) == 0:
+    def _refuse_duplicates(self, found: SearchResult) -> None:
+        """The store's write guard: runs inside the write's lock or transaction, so two registrations of one
+        new face (on any nodes) cannot both pass it. ``found`` holds each new face's best other user."""
+        if found.users == 0:
             return
-        threshold = self.identify_threshold(len(gallery.user_ids))
-        for embedding in embeddings:
-            scores = user_scores(gallery.embeddings, gallery.owner, len(gallery.user_ids), embedding)
-            for candidate in top_candidates(scores, 2):
-                user_id = gallery.user_ids[candidate.index]
-                if user_id != except_user and candidate.similarity >= threshold:
+        threshold = self.identify_threshold(found.users)
+        for matches in found.matches:
+            for match in matches:
+                similarity = float(similarity_from_cosine(match.cosine))
+                if similarity >= threshold:
                     raise DuplicateFaceError(
-                        f"This face is already registered as {gallery.names[candidate.index]!r}; "
+                        f"This face is already registered as {match.name!r}; "
                         "pass allow_duplicate=true to register it anyway.",
-                        user={"id": user_id, "name": gallery.names[candidate.index]},
-                        similarity=round(candidate.similarity, 4),
+                        user={"id": match.user_id, "name": match.name},
+                        similarity=round(similarity, 4),
                     )
 
     # --- use cases --------------------------------------------------------------------------------------
-    def register(self, name: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool) -> RegisterOutcome:
+    def register(
+        self, store: FaceStore, name: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool
+    ) -> RegisterOutcome:
         found, rejected = self._collect(uploads, liveness)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
-        if not allow_duplicate:
-            self._check_not_duplicate(embeddings)
-        user = self.store.add_user(name, embeddings, self.engine.model_id)
+        guard = None if allow_duplicate else self._refuse_duplicates
+        user = store.add_user(name, embeddings, self.engine.model_id, guard=guard)
         return RegisterOutcome(user, rejected)
 
     def add_faces(
-        self, user_id: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool
+        self, store: FaceStore, user_id: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool
     ) -> RegisterOutcome:
-        existing = self.store.embeddings_of(user_id)  # raises USER_NOT_FOUND before any inference
+        existing = store.embeddings_of(user_id)  # raises USER_NOT_FOUND before any inference
         found, rejected = self._collect(uploads, liveness)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.asarray(existing, np.float32))
-        if not allow_duplicate:
-            self._check_not_duplicate(embeddings, except_user=user_id)
-        user = self.store.add_faces(user_id, embeddings, self.engine.model_id)
+        guard = None if allow_duplicate else self._refuse_duplicates
+        user = store.add_faces(user_id, embeddings, self.engine.model_id, guard=guard)
         return RegisterOutcome(user, rejected)
 
-    def verify(self, upload: ImageUpload, threshold: float | None, top_k: int, liveness: bool) -> VerifyOutcome:
+    def verify(
+        self, store: FaceStore, upload: ImageUpload, threshold: float | None, top_k: int, liveness: bool
+    ) -> VerifyOutcome:
         found = self.find_face(upload, "largest", liveness)
         embedding = self._embed_found([found])[0]
-        gallery = self.store.gallery(self.engine.model_id)
-        users = len(gallery.user_ids)
-        applied = threshold if threshold is not None else self.identify_threshold(users)
-        if users == 0:
+        result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1))
+        applied = threshold if threshold is not None else self.identify_threshold(result.users)
+        if not result.matches[0]:
             return VerifyOutcome(False, None, applied, [], found.face)
-        scores = user_scores(gallery.embeddings, gallery.owner, users, embedding)
-        candidates = [self._match(gallery, c) for c in top_candidates(scores, max(top_k, 1))]
+        candidates = [self._match(m) for m in result.matches[0]]
         best = candidates[0]
         verified = best.similarity >= applied
         return VerifyOutcome(verified, best, applied, candidates[:top_k], found.face)
@@ -252,5 +243,5 @@ class RecognitionService:
         return CompareOutcome(similarity >= applied, similarity, applied)
 
     @staticmethod
-    def _match(gallery, candidate: Candidate) -> Match:  # gallery: api.services.store.Gallery
-        return Match(gallery.user_ids[candidate.index], gallery.names[candidate.index], candidate.similarity)
+    def _match(match: UserMatch) -> Match:
+        return Match(match.user_id, match.name, float(similarity_from_cosine(match.cosine)))

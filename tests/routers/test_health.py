@@ -19,8 +19,8 @@ JPEG = "image/jpeg"
 
 def test_root_reports_status_version_readiness_users_and_models(client: TestClient, astronaut_jpeg: bytes) -> None:
     body = client.get("/").json()
-    assert set(body) == {"status", "version", "ready", "users", "models"}
-    assert body["status"] == "ok" and body["version"] == __version__
+    assert set(body) == {"status", "version", "ready", "users", "store", "models"}
+    assert body["status"] == "ok" and body["version"] == __version__ and body["store"] == "npz"
     assert body["ready"] is True and body["users"] == 0
     models = body["models"]
     assert {"detector", "embedder", "emotion", "liveness"} <= set(models)

@@ -7,7 +7,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from api.errors import StoreKeyError
-from api.services.store import ENCRYPTED_MAGIC, NpzFaceStore
+from api.store.npz import ENCRYPTED_MAGIC, NpzFaceStore
 
 MODEL = "test-model"
 

@@ -1,7 +1,8 @@
-"""Embedding store: users and their face descriptors in one ``.npz`` file shared by several processes.
+"""The embedded face store: users and their face descriptors in one ``.npz`` file shared by several processes.
 
-Routers depend on the :class:`FaceStore` protocol only; :class:`NpzFaceStore` is the file-backed
-implementation. Another backend (a database, an encrypted file) implements the same protocol.
+The right choice for one machine and a gallery of up to some ten thousand users (README, "Choosing a
+store"): every write rewrites the whole file and every process keeps all descriptors in memory. Search is
+one matrix product over the model's descriptors, exact.
 
 File layout (``numpy.savez``, uncompressed, always read with ``allow_pickle=False``):
 
@@ -36,12 +37,12 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import filelock
 import numpy as np
@@ -52,6 +53,18 @@ from api.errors import (
     StoreKeyError,
     StoreLockTimeoutError,
     UserNotFoundError,
+)
+from api.store.base import (
+    SearchResult,
+    StoredUser,
+    UserMatch,
+    UserRecord,
+    WriteGuard,
+    checked_embeddings,
+    checked_page,
+    checked_probes,
+    checked_text,
+    utc_now,
 )
 
 FORMAT_VERSION = 1
@@ -67,59 +80,35 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 ENCRYPTED_MAGIC = b"FACESTORE-FERNET1\n"
 
 
-@dataclass(frozen=True)
-class UserRecord:
-    """One registered person. ``faces`` is the number of descriptors stored for them."""
-
-    id: str
-    name: str
-    model_id: str
-    created_at: datetime
-    updated_at: datetime
-    faces: int
-
-
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy fields with == is ambiguous
-class Gallery:
-    """Snapshot of all descriptors of one model, stacked for a single matrix product.
+class _Gallery:
+    """All descriptors of one model, stacked for a single matrix product.
 
     Row ``r`` of ``embeddings`` belongs to user ``user_ids[owner[r]]`` called ``names[owner[r]]``.
-    The arrays are read-only and never change: a write makes the store build a new snapshot, so a
-    search that holds one keeps a consistent view. An empty gallery has ``embeddings`` of shape (0, 0).
+    Read-only and never changed: a write makes the store build a new one, so a search holding one keeps a
+    consistent view. An empty gallery has ``embeddings`` of shape (0, 0).
     """
 
-    model_id: str
-    version: int
     embeddings: np.ndarray  # (N, d) float32
     owner: np.ndarray  # (N,) int32, index into user_ids / names
     user_ids: tuple[str, ...]
     names: tuple[str, ...]
 
-    def __len__(self) -> int:
-        return int(self.embeddings.shape[0])
-
-
-class FaceStore(Protocol):
-    """What routers and services may use. Unknown ids raise ``UserNotFoundError``; descriptors of another
-    model or dimension than the user's (or than the store holds for that model) ``ModelMismatchError``."""
-
-    def add_user(self, name: str, embeddings: np.ndarray, model_id: str) -> UserRecord: ...
-
-    def add_faces(self, user_id: str, embeddings: np.ndarray, model_id: str) -> UserRecord: ...
-
-    def rename(self, user_id: str, name: str) -> UserRecord: ...
-
-    def delete(self, user_id: str) -> None: ...
-
-    def get(self, user_id: str) -> UserRecord: ...
-
-    def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]: ...
-
-    def count(self) -> int: ...
-
-    def embeddings_of(self, user_id: str) -> np.ndarray: ...
-
-    def gallery(self, model_id: str) -> Gallery: ...
+    def search(self, probe: np.ndarray, top_k: int, exclude_user: str | None) -> list[UserMatch]:
+        """The ``top_k`` best users by their best face (one matrix product, exact)."""
+        n_users = len(self.user_ids)
+        if n_users == 0 or top_k == 0:
+            return []
+        cosines = self.embeddings @ probe
+        best = np.full(n_users, -np.inf, np.float32)
+        np.maximum.at(best, self.owner, cosines)
+        if exclude_user is not None:
+            with contextlib.suppress(ValueError):
+                best[self.user_ids.index(exclude_user)] = -np.inf
+        k = min(top_k, n_users)
+        top = np.argpartition(-best, k - 1)[:k]
+        top = top[np.lexsort((top, -best[top]))]  # best first; ties in gallery order
+        return [UserMatch(self.user_ids[i], self.names[i], float(best[i])) for i in top if np.isfinite(best[i])]
 
 
 # --- in-memory state ------------------------------------------------------------------------------------
@@ -359,40 +348,6 @@ def _parse_time(value: object, user_id: str) -> datetime:
     return parsed.astimezone(UTC)
 
 
-# --- input checks ----------------------------------------------------------------------------------------
-
-
-def _checked_embeddings(embeddings: np.ndarray) -> np.ndarray:
-    array = np.asarray(embeddings)
-    if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
-        raise ValueError(f"embeddings must have shape (n >= 1, d >= 1), got {array.shape}")
-    if array.dtype.kind not in "fiu":
-        raise ValueError(f"embeddings must be numeric, got dtype {array.dtype}")
-    # A private copy: the caller may reuse its buffer, and the store hands out read-only views of this one.
-    with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused just below
-        copy = np.array(array, dtype=np.float32, order="C", copy=True)
-    if not np.isfinite(copy).all():
-        raise ValueError("embeddings contain NaN or infinite values (or values beyond float32)")
-    copy.setflags(write=False)
-    return copy
-
-
-def _checked_text(value: str, what: str, *, allow_empty: bool) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    if not value and not allow_empty:
-        raise ValueError(f"{what} must not be empty")
-    try:
-        value.encode("utf-8")  # lone surrogates would only fail later, at serialisation
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{what} is not valid Unicode text") from exc
-    return value
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _fsync_directory(directory: Path) -> None:
     # Makes the rename itself durable. Some filesystems cannot fsync a folder; the data file is already
     # synced then and there is nothing better to do.
@@ -424,13 +379,15 @@ def _cipher(key: str | None):  # -> cryptography.fernet.Fernet | None
 
 
 class NpzFaceStore:
-    """:class:`FaceStore` in one ``.npz`` file, safe for several threads and processes.
+    """:class:`~api.store.base.FaceStore` in one ``.npz`` file, safe for several threads and processes.
 
     A missing file is an empty store, created by the first write. A corrupt file raises
     ``StoreCorruptError`` here, in the constructor, and is never written over. Deleting a user rewrites
     the whole file without them; the old file's disk blocks are released to the filesystem, not scrubbed
     (encryption at rest is the remedy for that, see :func:`_serialize`).
     """
+
+    backend = "npz"
 
     def __init__(self, path: Path, lock_timeout_s: float = 30.0, encryption_key: str | None = None) -> None:
         if lock_timeout_s < 0:
@@ -447,7 +404,7 @@ class NpzFaceStore:
         self._state: _State = _EMPTY
         self._sig: _Sig | None = None
         self._digest: bytes | None = None
-        self._galleries: dict[str, Gallery] = {}
+        self._galleries: dict[str, _Gallery] = {}  # per model, for self._state only
         with self._cache_lock:
             self._reload_locked()
         self._remove_leftover_temp_files()
@@ -455,6 +412,11 @@ class NpzFaceStore:
     @property
     def path(self) -> Path:
         return self._path
+
+    @property
+    def version(self) -> int:
+        """The file's write counter (``version`` array): every write stores the previous value + 1."""
+        return self._current().version
 
     # --- reads ------------------------------------------------------------------------------------------
 
@@ -467,8 +429,7 @@ class NpzFaceStore:
 
     def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]:
         """A page of users in (created_at, id) order, and the total number of users."""
-        if offset < 0 or (limit is not None and limit < 0):
-            raise ValueError("offset and limit must be >= 0")
+        checked_page(offset, limit)
         records = self._current().records
         stop = len(records) if limit is None else offset + limit
         return list(records[offset:stop]), len(records)
@@ -476,37 +437,54 @@ class NpzFaceStore:
     def count(self) -> int:
         return len(self._current().users)
 
-    def gallery(self, model_id: str) -> Gallery:
-        """All descriptors of ``model_id``; the same object is returned until the store changes."""
+    def search(self, model_id: str, probes: np.ndarray, top_k: int, exclude_user: str | None = None) -> SearchResult:
+        """Exact best-of-faces search over every descriptor of ``model_id`` (one matrix product per probe)."""
+        probes = checked_probes(probes, top_k)
         with self._cache_lock:
             state = self._current()
-            gallery = self._galleries.get(model_id)
-            if gallery is None:
-                gallery = self._build_gallery(state, model_id)
-                self._galleries[model_id] = gallery
-            return gallery
+            gallery = self._gallery_of(state, model_id)
+        return self._search_in(state, gallery, model_id, probes, top_k, exclude_user)
+
+    def export_users(self, batch_size: int) -> Iterator[list[StoredUser]]:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        entries = list(self._current().users.values())  # one snapshot: a concurrent write cannot tear it
+        for start in range(0, len(entries), batch_size):
+            yield [StoredUser(e.record, e.embeddings) for e in entries[start : start + batch_size]]
+
+    def check(self) -> None:
+        """A file store is always available once opened (a corrupt file already failed the constructor)."""
+
+    def close(self) -> None:
+        """Nothing to release: the file lock is held only during a write."""
 
     # --- writes -----------------------------------------------------------------------------------------
 
-    def add_user(self, name: str, embeddings: np.ndarray, model_id: str) -> UserRecord:
-        name = _checked_text(name, "name", allow_empty=True)
-        model_id = _checked_text(model_id, "model_id", allow_empty=False)
-        faces = _checked_embeddings(embeddings)
+    def add_user(
+        self, name: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+    ) -> UserRecord:
+        name = checked_text(name, "name", allow_empty=True)
+        model_id = checked_text(model_id, "model_id", allow_empty=False)
+        faces = checked_embeddings(embeddings)
 
         def apply(state: _State) -> tuple[_State, UserRecord]:
             self._check_dimension(state, model_id, faces.shape[1])
+            if guard is not None:
+                guard(self._search_in(state, self._gallery_of(state, model_id), model_id, faces, 1, None))
             user_id = uuid.uuid4().hex
             while user_id in state.users:  # practically never; ids must be unique all the same
                 user_id = uuid.uuid4().hex
-            now = _now()
+            now = utc_now()
             record = UserRecord(user_id, name, model_id, now, now, int(faces.shape[0]))
             return _State.build(state.version + 1, [*state.users.values(), _Entry(record, faces)]), record
 
         return self._write(apply)
 
-    def add_faces(self, user_id: str, embeddings: np.ndarray, model_id: str) -> UserRecord:
-        model_id = _checked_text(model_id, "model_id", allow_empty=False)
-        faces = _checked_embeddings(embeddings)
+    def add_faces(
+        self, user_id: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+    ) -> UserRecord:
+        model_id = checked_text(model_id, "model_id", allow_empty=False)
+        faces = checked_embeddings(embeddings)
 
         def apply(state: _State) -> tuple[_State, UserRecord]:
             entry = self._entry(state, user_id)
@@ -519,19 +497,21 @@ class NpzFaceStore:
                     got_model=model_id,
                 )
             self._check_dimension(state, model_id, faces.shape[1])
+            if guard is not None:
+                guard(self._search_in(state, self._gallery_of(state, model_id), model_id, faces, 1, user_id))
             stacked = np.concatenate([entry.embeddings, faces], axis=0)
             stacked.setflags(write=False)
-            record = replace(entry.record, faces=int(stacked.shape[0]), updated_at=_now())
+            record = replace(entry.record, faces=int(stacked.shape[0]), updated_at=utc_now())
             return self._replaced(state, _Entry(record, stacked)), record
 
         return self._write(apply)
 
     def rename(self, user_id: str, name: str) -> UserRecord:
-        name = _checked_text(name, "name", allow_empty=True)
+        name = checked_text(name, "name", allow_empty=True)
 
         def apply(state: _State) -> tuple[_State, UserRecord]:
             entry = self._entry(state, user_id)
-            record = replace(entry.record, name=name, updated_at=_now())
+            record = replace(entry.record, name=name, updated_at=utc_now())
             return self._replaced(state, _Entry(record, entry.embeddings)), record
 
         return self._write(apply)
@@ -543,6 +523,39 @@ class NpzFaceStore:
             return _State.build(state.version + 1, remaining), None
 
         self._write(apply)
+
+    def import_users(self, users: list[StoredUser]) -> int:
+        """One write for the whole batch; ids already in the file are skipped, so a copy can be re-run."""
+        incoming = [
+            _Entry(
+                replace(
+                    u.record,
+                    id=checked_text(u.record.id, "id", allow_empty=False),
+                    name=checked_text(u.record.name, "name", allow_empty=True),
+                    model_id=checked_text(u.record.model_id, "model_id", allow_empty=False),
+                ),
+                checked_embeddings(u.embeddings),
+            )
+            for u in users
+        ]
+        for entry in incoming:
+            if entry.record.faces != entry.embeddings.shape[0]:
+                rows = entry.embeddings.shape[0]
+                raise ValueError(f"user {entry.record.id!r}: {entry.record.faces} faces but {rows} descriptors")
+
+        def apply(state: _State) -> tuple[_State, int]:
+            new = [e for e in incoming if e.record.id not in state.users]
+            if not new:
+                return state, 0
+            for entry in new:
+                self._check_dimension(state, entry.record.model_id, entry.embeddings.shape[1])
+            merged = _State.build(state.version + 1, [*state.users.values(), *new])
+            # Two users of one model in the same batch must agree on the dimension too.
+            for entry in new:
+                self._check_dimension(merged, entry.record.model_id, entry.embeddings.shape[1])
+            return merged, len(new)
+
+        return self._write(apply)
 
     # --- internals --------------------------------------------------------------------------------------
 
@@ -571,8 +584,38 @@ class NpzFaceStore:
                 got_dim=int(dim),
             )
 
+    def _gallery_of(self, state: _State, model_id: str) -> _Gallery:
+        """The model's gallery in ``state``, cached while ``state`` is the installed one."""
+        with self._cache_lock:
+            if state is not self._state:
+                return self._build_gallery(state, model_id)
+            gallery = self._galleries.get(model_id)
+            if gallery is None:
+                gallery = self._galleries[model_id] = self._build_gallery(state, model_id)
+            return gallery
+
     @staticmethod
-    def _build_gallery(state: _State, model_id: str) -> Gallery:
+    def _search_in(
+        state: _State,
+        gallery: _Gallery,
+        model_id: str,
+        probes: np.ndarray,
+        top_k: int,
+        exclude_user: str | None,
+    ) -> SearchResult:
+        dim = state.dims.get(model_id)
+        if dim is not None and probes.shape[1] != dim:
+            raise ModelMismatchError(
+                f"Descriptors of model {model_id!r} have {dim} dimensions in the store, got {probes.shape[1]}",
+                model_id=model_id,
+                expected_dim=dim,
+                got_dim=int(probes.shape[1]),
+            )
+        matches = [gallery.search(probe, top_k, exclude_user) for probe in probes]
+        return SearchResult(users=len(gallery.user_ids), matches=matches)
+
+    @staticmethod
+    def _build_gallery(state: _State, model_id: str) -> _Gallery:
         entries = [e for e in state.users.values() if e.record.model_id == model_id]
         if entries:
             embeddings = np.concatenate([e.embeddings for e in entries], axis=0)
@@ -583,9 +626,7 @@ class NpzFaceStore:
             owner = np.zeros(0, dtype=np.int32)
         embeddings.setflags(write=False)
         owner.setflags(write=False)
-        return Gallery(
-            model_id=model_id,
-            version=state.version,
+        return _Gallery(
             embeddings=embeddings,
             owner=owner,
             user_ids=tuple(e.record.id for e in entries),

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.services.store import NpzFaceStore
+from api.store.npz import NpzFaceStore
 
 JPEG = "image/jpeg"
 ROUNDS = 25  # of 8 concurrent requests on fresh connections, until both workers have answered

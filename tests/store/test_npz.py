@@ -22,15 +22,8 @@ import numpy as np
 import pytest
 
 from api.errors import ModelMismatchError, StoreCorruptError, StoreLockTimeoutError, UserNotFoundError
-from api.services.store import (
-    FORMAT_VERSION,
-    FaceStore,
-    NpzFaceStore,
-    UserRecord,
-    _Entry,
-    _serialize,
-    _State,
-)
+from api.store import FaceStore, UserRecord
+from api.store.npz import FORMAT_VERSION, NpzFaceStore, _Entry, _serialize, _State
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "utf-8"}
@@ -67,8 +60,8 @@ def test_missing_file_is_an_empty_store_created_on_first_write(path: Path) -> No
     store = NpzFaceStore(path)
     assert store.count() == 0
     assert store.list_users() == ([], 0)
-    empty = store.gallery("m")
-    assert len(empty) == 0 and empty.embeddings.shape == (0, 0) and empty.user_ids == ()
+    empty = store.search("m", vectors(9, 1), top_k=5)
+    assert empty.users == 0 and empty.matches == [[]]
     assert not path.exists(), "reads must not create the file"
     store.add_user("a", vectors(1), "m")
     assert path.exists()
@@ -116,10 +109,10 @@ def test_version_counts_every_write_and_persists(path: Path) -> None:
     store.rename(user.id, "b")
     store.add_faces(user.id, vectors(2), "m")
     store.delete(user.id)
-    assert store.gallery("m").version == 4
-    assert NpzFaceStore(path).gallery("m").version == 4
+    assert store.version == 4
+    assert NpzFaceStore(path).version == 4
     NpzFaceStore(path).add_user("c", vectors(3), "m")
-    assert store.gallery("m").version == 5
+    assert store.version == 5
 
 
 def test_unicode_names_round_trip_exactly(path: Path) -> None:
@@ -188,7 +181,7 @@ def test_unknown_ids_raise_user_not_found(path: Path) -> None:
         with pytest.raises(UserNotFoundError) as info:
             call()
         assert info.value.code == "USER_NOT_FOUND" and info.value.status == 404
-    assert store.gallery("m").version == 2, "failed operations must not write"
+    assert store.version == 2, "failed operations must not write"
 
 
 def test_invalid_input_is_rejected_before_writing(path: Path) -> None:
@@ -381,68 +374,64 @@ def test_leftover_temporary_files_are_removed_at_start(path: Path) -> None:
     assert not leftover.exists() and unrelated.exists()
 
 
-# --- gallery -------------------------------------------------------------------------------------------
+# --- search --------------------------------------------------------------------------------------------
 
 
-def test_gallery_contents(path: Path) -> None:
+def unit(seed: int, n: int = 2, d: int = 16) -> np.ndarray:
+    v = vectors(seed, n, d)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_search_is_exact_best_of_faces_per_model(path: Path) -> None:
     store = NpzFaceStore(path)
-    a = store.add_user("Anna", vectors(1, 2), "m")
-    other = store.add_user("Other model", vectors(2, 3, 8), "m2")
-    b = store.add_user("Béla", vectors(3, 1), "m")
-    a = store.add_faces(a.id, vectors(4, 1), "m")
+    a = store.add_user("Anna", unit(1, 2), "m")
+    other = store.add_user("Other model", unit(2, 3, 8), "m2")
+    b = store.add_user("Béla", unit(3, 1), "m")
+    a = store.add_faces(a.id, unit(4, 1), "m")
+    probe = unit(5, 1)[0]
 
-    gallery = store.gallery("m")
-    assert gallery.model_id == "m" and gallery.version == 4
-    assert gallery.user_ids == (a.id, b.id) and gallery.names == ("Anna", "Béla")
-    assert gallery.embeddings.dtype == np.float32 and gallery.embeddings.shape == (4, 16)
-    assert gallery.owner.dtype == np.int32 and gallery.owner.tolist() == [0, 0, 0, 1]
-    assert len(gallery) == 4
-    for row, owner in zip(gallery.embeddings, gallery.owner, strict=True):
-        user_id = gallery.user_ids[owner]
-        assert any((row == e).all() for e in store.embeddings_of(user_id))
-    np.testing.assert_array_equal(gallery.embeddings, np.concatenate([vectors(1, 2), vectors(4, 1), vectors(3, 1)]))
-    assert store.gallery("m2").user_ids == (other.id,) and store.gallery("m2").embeddings.shape == (3, 8)
-    with pytest.raises(ValueError):
-        gallery.embeddings[0, 0] = 0.0
-    with pytest.raises(ValueError):
-        gallery.owner[0] = 1
+    result = store.search("m", probe, top_k=5)
+    gallery = {a.id: np.concatenate([unit(1, 2), unit(4, 1)]), b.id: unit(3, 1)}
+    expected = sorted(((float((gallery[u] @ probe).max()), u) for u in gallery), reverse=True)
+    assert result.users == 2
+    names = {a.id: "Anna", b.id: "Béla"}
+    assert [(m.user_id, m.name) for m in result.matches[0]] == [(u, names[u]) for _, u in expected]
+    np.testing.assert_allclose([m.cosine for m in result.matches[0]], [c for c, _ in expected], rtol=1e-6)
+    assert [m.user_id for m in store.search("m2", unit(6, 1, 8), top_k=5).matches[0]] == [other.id]
 
 
-def test_gallery_is_cached_until_the_store_changes(path: Path) -> None:
+def test_search_is_cached_until_the_store_changes(path: Path) -> None:
     store = NpzFaceStore(path)
-    user = store.add_user("a", vectors(1, 2), "m")
-    first = store.gallery("m")
-    assert store.gallery("m") is first and store.gallery("m") is first
-    snapshot = first.embeddings.copy()
+    user = store.add_user("a", unit(1, 2), "m")
+    probe = unit(2, 1)
+    first = store.search("m", probe, top_k=1).matches[0][0]
 
-    store.add_faces(user.id, vectors(2, 1), "m")
-    second = store.gallery("m")
-    assert second is not first and second.version == first.version + 1 and len(second) == 3
-    np.testing.assert_array_equal(first.embeddings, snapshot)  # old snapshot unchanged
-    assert store.gallery("m") is second
+    store.add_faces(user.id, probe, "m")  # the probe itself: now a perfect match
+    assert store.search("m", probe, top_k=1).matches[0][0].cosine == pytest.approx(1.0)
+    assert first.cosine < 0.99
 
-    # A write by another instance (as by another worker process) invalidates the cache too.
+    # A write by another instance (as by another worker process) is seen at once too.
     NpzFaceStore(path).rename(user.id, "renamed")
-    third = store.gallery("m")
-    assert third is not second and third.names == ("renamed",) and third.version == second.version + 1
+    assert store.search("m", probe, top_k=1).matches[0][0].name == "renamed"
 
 
-def test_gallery_of_a_large_store_is_constant_time_when_unchanged(path: Path) -> None:
+def test_search_of_a_large_store_does_not_rebuild_the_matrix_when_unchanged(path: Path) -> None:
     store = NpzFaceStore(path)
     entries = [
         _Entry(UserRecord(f"{i:032x}", f"u{i}", "m", datetime.now(UTC), datetime.now(UTC), 4), vectors(i, 4, 128))
         for i in range(5000)
     ]
     path.write_bytes(_serialize(_State.build(1, entries)))
+    probe = unit(1, 1, 128)
     started = time.perf_counter()
-    built = store.gallery("m")
+    first = store.search("m", probe, top_k=5)
     build_s = time.perf_counter() - started
     started = time.perf_counter()
-    for _ in range(100):
-        assert store.gallery("m") is built
-    cached_s = (time.perf_counter() - started) / 100
-    assert len(built) == 20000
-    assert cached_s < build_s / 20, (cached_s, build_s)
+    for _ in range(20):
+        assert store.search("m", probe, top_k=5) == first
+    cached_s = (time.perf_counter() - started) / 20
+    assert first.users == 5000
+    assert cached_s < build_s / 2, (cached_s, build_s)
 
 
 # --- threads and processes -----------------------------------------------------------------------------
@@ -474,7 +463,7 @@ def test_threads_of_one_process(path: Path) -> None:
             store = stores[worker % 2]
             for i in range(12):
                 record = store.add_user(f"t{worker}-{i}", vectors(worker * 100 + i), "m")
-                store.gallery("m")
+                store.search("m", vectors(0, 1), top_k=3)
                 store.list_users(0, 5)
                 with guard:
                     ids.append(record.id)
@@ -490,7 +479,7 @@ def test_threads_of_one_process(path: Path) -> None:
     assert len(ids) == len(set(ids)) == 72
     for store in stores:
         assert store.count() == 72 and {r.id for r in store.list_users()[0]} == set(ids)
-        assert store.gallery("m").version == 72  # every write read the one before it: none lost
+        assert store.version == 72  # every write read the one before it: none lost
     for i, user_id in enumerate(sorted(ids)):
         assert stores[i % 2].get(user_id).name.startswith("t")
 
@@ -548,7 +537,7 @@ TWO_PROCESS_WORKER = r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from api.services.store import NpzFaceStore
+from api.store.npz import NpzFaceStore
 
 path, tag, operations = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 store = NpzFaceStore(path)
@@ -573,10 +562,9 @@ for i in range(operations):
     time.sleep(rng.uniform(0.0, 0.004))  # servers do other work between writes; lets the two interleave
 print("DONE", flush=True)
 assert sys.stdin.readline().strip() == "REPORT"
-gallery = store.gallery("m")
 users, total = store.list_users()
-print(json.dumps({"faces": {u.id: u.faces for u in users}, "total": total, "version": gallery.version,
-                  "gallery_rows": len(gallery)}), flush=True)
+print(json.dumps({"faces": {u.id: u.faces for u in users}, "total": total, "version": store.version,
+                  "gallery_rows": sum(store.embeddings_of(u.id).shape[0] for u in users)}), flush=True)
 """
 
 
@@ -636,7 +624,7 @@ def test_two_processes_writing_the_same_file(path: Path) -> None:
     assert {u.id: u.faces for u in users} == expected
     assert total == len(users) == len({u.id for u in users})
     # Each write started from the one before it, whichever process made it: the counter saw all 50.
-    assert on_disk.gallery("m").version == 2 * operations
+    assert on_disk.version == 2 * operations
     # The writes really interleaved: in creation order, the surviving users switch owner several times.
     owners = [u.name[0] for u in users]
     assert sum(a != b for a, b in itertools.pairwise(owners)) >= 3, owners

