@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -79,8 +79,9 @@ _MIGRATIONS: dict[int, list[str]] = {
             index_name text NOT NULL UNIQUE,
             created_at timestamptz NOT NULL DEFAULT now()
         )""",
+        # COLLATE "C": ids order by their bytes, as in the .npz store, whatever the database's locale.
         """CREATE TABLE face_users (
-            id text PRIMARY KEY,
+            id text COLLATE "C" PRIMARY KEY,
             collection text NOT NULL DEFAULT 'default',
             name bytea NOT NULL,
             model_id text NOT NULL REFERENCES face_models (model_id),
@@ -139,6 +140,11 @@ def check_url(url: str) -> None:
             f"FACE_STORE_URL must be a PostgreSQL URL (postgresql://user:password@host:port/database), got {shown}; "
             "leave it unset to use the .npz file at FACE_STORE_PATH."
         )
+    try:
+        urlsplit(url).port  # noqa: B018 - a port that is not a number in 0-65535 raises ValueError here
+    except ValueError:
+        # Otherwise the ValueError escapes from safe_location in the constructor, not a StoreConfigError.
+        raise StoreConfigError("FACE_STORE_URL has an invalid port (it must be a number from 0 to 65535)") from None
 
 
 class PostgresFaceStore:
@@ -158,7 +164,9 @@ class PostgresFaceStore:
 
         self._url = url
         self._options = options or PostgresOptions()
-        self._secrets = [s for s in (urlsplit(url).password,) if s]
+        # The password as written in the URL and percent-decoded: libpq's messages may quote either form.
+        password = urlsplit(url).password
+        self._secrets = sorted({password, unquote(password)}, key=len, reverse=True) if password else []
         self.location = safe_location(url)
         self._init_lock = threading.Lock()
         self._ready = False
@@ -171,7 +179,9 @@ class PostgresFaceStore:
             configure=self._configure,
             check=ConnectionPool.check_connection,  # a connection broken by a restart is replaced, not used
             kwargs={"autocommit": True, "connect_timeout": self._connect_timeout},
-            reconnect_timeout=0,  # keep trying for as long as the database is away
+            # A failed reconnection is retried once, then given up; the pool grows again on the next request,
+            # so the first request after the database is back connects at once (no backoff sleep to wait out).
+            reconnect_timeout=0,
             name="face-store",
         )
 
@@ -332,6 +342,8 @@ class PostgresFaceStore:
     def search(self, model_id: str, probes: np.ndarray, top_k: int, exclude_user: str | None = None) -> SearchResult:
         probes = checked_probes(probes, top_k)
         with self._connection() as conn, conn.transaction():
+            # One snapshot for the gallery size and every probe's matches.
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             return self._search(conn, model_id, DEFAULT_COLLECTION, probes, top_k, exclude_user)
 
     def export_users(self, batch_size: int) -> Iterator[list[StoredUser]]:
@@ -639,7 +651,8 @@ class PostgresFaceStore:
                 ORDER BY embedding::halfvec({dim}) <#> %(probe)s::halfvec({dim})
                 LIMIT %(candidates)s
             )
-            SELECT d.user_id, u.name, max(-(d.embedding <#> %(probe)s)) AS cosine
+            SELECT d.user_id, u.name, max(-(d.embedding <#> %(probe)s)) AS cosine,
+                (SELECT count(*) FROM candidates) AS scanned
             FROM face_descriptors d
             JOIN (SELECT DISTINCT user_id FROM candidates) c ON c.user_id = d.user_id
             JOIN face_users u ON u.id = d.user_id
@@ -648,17 +661,23 @@ class PostgresFaceStore:
             LIMIT %(top_k)s
             """
         ).format(model=sql.Literal(model_id), dim=sql.Literal(dim), exclude=exclude)
-        candidates = max(self._options.min_candidates, 4 * top_k)
         matches = []
         for probe in probes:
             params = {
                 "collection": collection,
                 "exclude": exclude_user,
                 "probe": probe,
-                "candidates": candidates,
+                "candidates": max(self._options.min_candidates, 4 * top_k),
                 "top_k": top_k,
             }
             rows = conn.execute(query, params).fetchall()
+            # The candidates are index rows, not users: when the nearest rows belong to few users (a person's
+            # faces lie close together), they can name fewer than top_k users although the gallery holds more.
+            # Widen the candidate set until top_k users are found or the index scan returned fewer rows than
+            # asked for (nothing more to find).
+            while rows and len(rows) < min(top_k, users) and rows[0][3] >= params["candidates"]:
+                params["candidates"] *= 4
+                rows = conn.execute(query, params).fetchall()
             matches.append([UserMatch(r[0], bytes(r[1]).decode("utf-8"), float(r[2])) for r in rows])
         return SearchResult(users, matches)
 
