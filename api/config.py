@@ -2,12 +2,14 @@
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The same rule as api.store.base.COLLECTION_NAME_PATTERN (config must not import the store package).
+COLLECTION_NAME_PATTERN = r"^[a-z0-9_-]{1,64}$"
 
 
 class ApiKeyEntry(BaseModel):
@@ -16,6 +18,8 @@ class ApiKeyEntry(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     scope: Literal["admin", "client"]
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The collections this key may use; None (absent) = all of them.
+    collections: list[Annotated[str, Field(pattern=COLLECTION_NAME_PATTERN)]] | None = None
 
 
 class Settings(BaseSettings):

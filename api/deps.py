@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request, Security, UploadFile
+from fastapi import Depends, Query, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
 from api.config import Settings
@@ -14,7 +14,8 @@ from api.services.analysis import EmotionAnalyzer, LivenessAnalyzer
 from api.services.inference import InferenceRunner
 from api.services.recognition import ImageUpload, RecognitionService
 from api.state import AppState, Models
-from api.store import FaceStore
+from api.store import DEFAULT_COLLECTION, FaceStore
+from api.store.base import COLLECTION_NAME_PATTERN
 
 
 class NotReadyError(FaceServiceError):
@@ -93,6 +94,25 @@ def require_admin(state: StateDep, caller: CallerDep) -> Caller:
 
 ClientDep = Annotated[Caller, Depends(require_client)]
 AdminDep = Annotated[Caller, Depends(require_admin)]
+
+
+def get_collection(
+    state: StateDep,
+    caller: CallerDep,
+    collection: Annotated[
+        str,
+        Query(
+            pattern=COLLECTION_NAME_PATTERN,
+            description="The collection (a separate gallery) to work in; `default` always exists.",
+        ),
+    ] = DEFAULT_COLLECTION,
+) -> str:
+    """The request's collection, if the caller's key may use it (403 otherwise); existence is the store's."""
+    state.authenticator.authorise_collection(caller, collection)
+    return collection
+
+
+CollectionDep = Annotated[str, Depends(get_collection)]
 
 
 def get_audit(state: StateDep) -> AuditLog:

@@ -76,6 +76,35 @@ class UserNotFoundError(FaceServiceError):
     status = 404
 
 
+class CollectionNotFoundError(FaceServiceError):
+    code = "COLLECTION_NOT_FOUND"
+    status = 404
+
+
+class CollectionExistsError(FaceServiceError):
+    code = "COLLECTION_EXISTS"
+    status = 409
+
+
+class CollectionNotEmptyError(FaceServiceError):
+    """Deleting a collection that still holds users needs ``force=true``."""
+
+    code = "COLLECTION_NOT_EMPTY"
+    status = 409
+
+
+class CollectionProtectedError(FaceServiceError):
+    """The ``default`` collection always exists."""
+
+    code = "COLLECTION_PROTECTED"
+    status = 409
+
+
+class InvalidCollectionNameError(FaceServiceError):
+    code = "VALIDATION_ERROR"
+    status = 422
+
+
 class ModelMismatchError(FaceServiceError):
     """The store holds descriptors of another embedding model than the one configured."""
 

@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api import __version__
 from api.config import Settings, get_settings
 from api.errors import FaceServiceError, StoreUnavailableError
-from api.routers import analysis, health, recognition, users
+from api.routers import analysis, collections, health, recognition, users
 from api.security import AuditLog, Authenticator, RateLimiter, check_startup_security
 from api.services.inference import InferenceRunner
 from api.state import AppState, load_models
@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    for router in (health.router, recognition.router, users.router, analysis.router):
+    for router in (health.router, recognition.router, users.router, collections.router, analysis.router):
         app.include_router(router)
 
     @app.exception_handler(FaceServiceError)

@@ -3,7 +3,7 @@
 Keys are configured as sha256 hashes only. A presented key is hashed and compared with every configured
 hash in constant time (no early exit), so response timing tells nothing about which hash came close.
 ``admin`` keys may do everything; ``client`` keys may verify, compare, and analyse, but not change or list
-the registered people.
+the registered people. A key that names ``collections`` may use only those (403 for any other).
 """
 
 from __future__ import annotations
@@ -38,6 +38,10 @@ class Caller:
 
     identity: str
     scope: str
+    collections: frozenset[str] | None = None  # None: every collection
+
+    def may_use(self, collection: str) -> bool:
+        return self.collections is None or collection in self.collections
 
 
 def hash_key(key: str) -> str:
@@ -77,12 +81,18 @@ class Authenticator:
                 found = entry
         if found is None:
             raise AuthenticationError("Unknown API key.")
-        return Caller(found.name, found.scope)
+        return Caller(found.name, found.scope, None if found.collections is None else frozenset(found.collections))
 
     @staticmethod
     def authorise(caller: Caller, needed: str) -> None:
         if SCOPES.index(caller.scope) < SCOPES.index(needed):
             raise ForbiddenError(f"This endpoint needs an API key with the {needed!r} scope.", scope=caller.scope)
+
+    @staticmethod
+    def authorise_collection(caller: Caller, collection: str) -> None:
+        if not caller.may_use(collection):
+            # The same answer whether or not the collection exists: a bound key learns nothing about others.
+            raise ForbiddenError(f"This API key may not use the collection {collection!r}.", collection=collection)
 
 
 class RateLimiter:
@@ -109,7 +119,7 @@ class AuditLog:
         self.path = path
         self._lock = threading.Lock()
 
-    def record(self, caller: Caller, action: str, user_id: str, **facts: str | int) -> None:
+    def record(self, caller: Caller, action: str, user_id: str | None, **facts: str | int) -> None:
         entry = {"at": datetime.now(UTC).isoformat(), "who": caller.identity, "action": action, "user_id": user_id}
         entry.update(facts)
         line = json.dumps(entry, ensure_ascii=False)

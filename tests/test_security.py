@@ -363,7 +363,8 @@ def test_audit_log_records_who_what_when_and_which_user_but_no_biometrics(
     ]
     for e in entries:
         assert before <= datetime.fromisoformat(e["at"]) <= after
-        assert set(e) <= {"at", "who", "action", "user_id", "faces"}, e
+        assert set(e) <= {"at", "who", "action", "user_id", "collection", "faces"}, e
+        assert e["collection"] == "default", e  # the audit log records the collection of every change
         assert all(isinstance(v, str | int) and not isinstance(v, bool) for v in e.values()), e
     assert entries[0]["faces"] == 1 and entries[1]["faces"] == 2
     for secret in (ADMIN_KEY, OTHER_ADMIN_KEY, hash_key(ADMIN_KEY)):

@@ -17,7 +17,12 @@ def face_box(face: DetectedFace) -> FaceBox:
 
 def user_of(record: UserRecord) -> User:
     return User(
-        id=record.id, name=record.name, faces=record.faces, created_at=record.created_at, updated_at=record.updated_at
+        id=record.id,
+        name=record.name,
+        faces=record.faces,
+        collection=record.collection,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
     )
 
 

@@ -8,6 +8,7 @@ from api.deps import (
     AdminDep,
     AuditDep,
     ClientDep,
+    CollectionDep,
     RecognitionDep,
     RunnerDep,
     SettingsDep,
@@ -38,7 +39,8 @@ ThresholdField = Annotated[
     summary="Register a person from one or more photos",
     description="Each photo must hold exactly one usable face, all of the same person. Photos that fail are "
     "listed in `rejected`; if none is usable the request fails with 422. A face that already matches a "
-    "registered user gives 409 DUPLICATE_FACE unless `allow_duplicate=true`.",
+    "registered user of the collection gives 409 DUPLICATE_FACE unless `allow_duplicate=true`. The collection "
+    "must exist (404 COLLECTION_NOT_FOUND; `default` always does).",
     responses=error_responses(401, 403, 409, 413, 415, 422, 429, 503),
 )
 async def register(
@@ -48,6 +50,7 @@ async def register(
     store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
+    collection: CollectionDep,
     name: Annotated[str, Form(min_length=1, max_length=200, examples=["Ada Lovelace"])],
     files: Annotated[list[UploadFile], File(description="One or more face photos (repeat the field)")],
     allow_duplicate: Annotated[bool, Form()] = False,
@@ -55,18 +58,19 @@ async def register(
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.register, store, name, uploads, allow_duplicate, check)
-    audit.record(caller, "register", outcome.user.id, faces=outcome.user.faces)
+    outcome = await runner.run(recognition.register, store, name, uploads, allow_duplicate, check, collection)
+    audit.record(caller, "register", outcome.user.id, collection=collection, faces=outcome.user.faces)
     return register_result(outcome)
 
 
 @router.post(
     "/verify",
     response_model=VerifyResult,
-    summary="Identify the largest face among all registered users (1:N)",
-    description="1:N identification (the path keeps its historical name): the store searches every registered "
-    "user's faces. An empty gallery answers `verified: false`. The default threshold grows with the number of "
-    "registered users so that the chance of matching a stranger to someone stays near 1%.",
+    summary="Identify the largest face among the registered users of a collection (1:N)",
+    description="1:N identification (the path keeps its historical name): the store searches the faces of every "
+    "user of the collection, and only those. An empty gallery answers `verified: false`. The default threshold "
+    "grows with the number of users in the collection so that the chance of matching a stranger to someone "
+    "stays near 1%.",
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def verify(
@@ -75,6 +79,7 @@ async def verify(
     store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
+    collection: CollectionDep,
     file: Annotated[UploadFile, File(description="A photo with the face to identify")],
     threshold: ThresholdField = None,
     top_k: Annotated[int, Form(ge=1, le=100, description="How many candidates to list")] = 5,
@@ -82,7 +87,7 @@ async def verify(
 ) -> VerifyResult:
     upload = await read_upload(file, settings)
     check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.verify, store, upload, threshold, top_k, check)
+    outcome = await runner.run(recognition.verify, store, upload, threshold, top_k, check, collection)
     best = outcome.best
     return VerifyResult(
         verified=outcome.verified,

@@ -1,10 +1,20 @@
-"""List, read, rename and delete registered users, and add faces to one."""
+"""List, read, rename and delete registered users, and add faces to one: always within one collection (a user
+id of another collection answers 404, exactly like an unknown one)."""
 
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
 
-from api.deps import AdminDep, AuditDep, RecognitionDep, RunnerDep, SettingsDep, StoreDep, read_uploads
+from api.deps import (
+    AdminDep,
+    AuditDep,
+    CollectionDep,
+    RecognitionDep,
+    RunnerDep,
+    SettingsDep,
+    StoreDep,
+    read_uploads,
+)
 from api.routers._convert import register_result, user_of
 from api.schemas.common import error_responses
 from api.schemas.users import RegisterResult, User, UserPage, UserRename
@@ -19,24 +29,31 @@ async def list_users(
     _: AdminDep,
     store: StoreDep,
     runner: RunnerDep,
+    collection: CollectionDep,
     offset: Annotated[int, Query(ge=0)] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> UserPage:
-    records, total = await runner.run(store.list_users, offset, limit)
+    records, total = await runner.run(store.list_users, offset, limit, collection=collection)
     return UserPage(items=[user_of(r) for r in records], total=total)
 
 
 @router.get("/{user_id}", response_model=User, summary="One user", responses=error_responses(401, 403, 404, 429))
-async def get_user(_: AdminDep, store: StoreDep, runner: RunnerDep, user_id: UserId) -> User:
-    return user_of(await runner.run(store.get, user_id))
+async def get_user(_: AdminDep, store: StoreDep, runner: RunnerDep, collection: CollectionDep, user_id: UserId) -> User:
+    return user_of(await runner.run(store.get, user_id, collection=collection))
 
 
 @router.patch("/{user_id}", response_model=User, summary="Rename a user", responses=error_responses(401, 403, 404, 422))
 async def rename_user(
-    caller: AdminDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, user_id: UserId, body: UserRename
+    caller: AdminDep,
+    audit: AuditDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    collection: CollectionDep,
+    user_id: UserId,
+    body: UserRename,
 ) -> User:
-    record = await runner.run(store.rename, user_id, body.name)
-    audit.record(caller, "rename", user_id)
+    record = await runner.run(store.rename, user_id, body.name, collection=collection)
+    audit.record(caller, "rename", user_id, collection=collection)
     return user_of(record)
 
 
@@ -47,10 +64,10 @@ async def rename_user(
     responses=error_responses(401, 403, 404, 429),
 )
 async def delete_user(
-    caller: AdminDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, user_id: UserId
+    caller: AdminDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, collection: CollectionDep, user_id: UserId
 ) -> Response:
-    await runner.run(store.delete, user_id)
-    audit.record(caller, "delete", user_id)
+    await runner.run(store.delete, user_id, collection=collection)
+    audit.record(caller, "delete", user_id, collection=collection)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -67,6 +84,7 @@ async def add_faces(
     store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
+    collection: CollectionDep,
     user_id: UserId,
     files: Annotated[list[UploadFile], File(description="One or more face photos of this user")],
     allow_duplicate: Annotated[bool, Form()] = False,
@@ -74,6 +92,6 @@ async def add_faces(
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.add_faces, store, user_id, uploads, allow_duplicate, check)
-    audit.record(caller, "add_faces", user_id, faces=outcome.user.faces)
+    outcome = await runner.run(recognition.add_faces, store, user_id, uploads, allow_duplicate, check, collection)
+    audit.record(caller, "add_faces", user_id, collection=collection, faces=outcome.user.faces)
     return register_result(outcome)

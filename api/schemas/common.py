@@ -30,13 +30,14 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Malformed request",
         401: "Missing or unknown API key",
         403: "The API key's scope does not allow this endpoint",
-        404: "Unknown user (USER_NOT_FOUND)",
-        409: "DUPLICATE_FACE or MODEL_MISMATCH",
+        404: "Unknown user (USER_NOT_FOUND; also a user of another collection) or collection (COLLECTION_NOT_FOUND)",
+        409: "DUPLICATE_FACE, MODEL_MISMATCH, COLLECTION_EXISTS, COLLECTION_NOT_EMPTY or COLLECTION_PROTECTED",
         413: "Upload or image too large (PAYLOAD_TOO_LARGE, IMAGE_TOO_LARGE)",
         415: "Not an accepted image format (UNSUPPORTED_MEDIA_TYPE)",
         422: "Unusable input: INVALID_IMAGE, NO_FACE, FACE_TOO_SMALL, MULTIPLE_FACES, INCONSISTENT_FACES, "
         "SPOOF_DETECTED, TOO_MANY_FILES, VALIDATION_ERROR",
         429: "Rate limit exceeded (RATE_LIMITED); see Retry-After",
-        503: "Models still loading (NOT_READY), a model is unavailable, or inference timed out",
+        503: "Models still loading (NOT_READY), a model is unavailable, inference timed out, or the store is "
+        "unavailable (STORE_UNAVAILABLE)",
     }
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}

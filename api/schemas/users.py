@@ -11,6 +11,7 @@ class User(BaseModel):
     id: str = Field(examples=["3f2b8c0e9d6a4b1f8e7d6c5b4a392817"])
     name: str = Field(examples=["Ada Lovelace"])
     faces: int = Field(description="Number of face descriptors stored for this user")
+    collection: str = Field("default", description="The collection the user belongs to", examples=["default"])
     created_at: datetime
     updated_at: datetime
 

@@ -24,7 +24,7 @@ from api.services.engine import FaceEngine, FaceSelection
 from api.services.imaging import decode_image
 from api.services.liveness import MiniFASNetLiveness
 from api.services.matching import Calibration, distance_from_similarity, similarity_from_cosine
-from api.store import FaceStore, SearchResult, UserMatch, UserRecord
+from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, UserMatch, UserRecord
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,14 @@ class RecognitionService:
         configured = self.settings.identify_threshold
         return configured if configured is not None else self.calibration.identify_threshold(gallery_users)
 
+    def duplicate_threshold(self, comparisons: int) -> float:
+        """The duplicate check at registration compares every new face with every stored face of the
+        collection: the gallery-size rule applied to that number of comparisons keeps the chance that a new
+        person is refused as someone else near 1% per registration (counting users alone let it reach ~10%
+        on 40 LFW people with 2 photos each)."""
+        configured = self.settings.identify_threshold
+        return configured if configured is not None else self.calibration.identify_threshold(comparisons)
+
     # --- shared steps -----------------------------------------------------------------------------------
     def find_face(self, upload: ImageUpload, selection: FaceSelection, liveness: bool) -> FoundFace:
         image = decode_image(upload.data, self.settings.max_image_pixels)
@@ -185,7 +193,7 @@ class RecognitionService:
         new face (on any nodes) cannot both pass it. ``found`` holds each new face's best other user."""
         if found.users == 0:
             return
-        threshold = self.identify_threshold(found.users)
+        threshold = self.duplicate_threshold(found.faces * len(found.matches))
         for matches in found.matches:
             for match in matches:
                 similarity = float(similarity_from_cosine(match.cosine))
@@ -199,32 +207,52 @@ class RecognitionService:
 
     # --- use cases --------------------------------------------------------------------------------------
     def register(
-        self, store: FaceStore, name: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool
+        self,
+        store: FaceStore,
+        name: str,
+        uploads: list[ImageUpload],
+        allow_duplicate: bool,
+        liveness: bool,
+        collection: str = DEFAULT_COLLECTION,
     ) -> RegisterOutcome:
+        store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
         found, rejected = self._collect(uploads, liveness)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
         guard = None if allow_duplicate else self._refuse_duplicates
-        user = store.add_user(name, embeddings, self.engine.model_id, guard=guard)
+        user = store.add_user(name, embeddings, self.engine.model_id, collection=collection, guard=guard)
         return RegisterOutcome(user, rejected)
 
     def add_faces(
-        self, store: FaceStore, user_id: str, uploads: list[ImageUpload], allow_duplicate: bool, liveness: bool
+        self,
+        store: FaceStore,
+        user_id: str,
+        uploads: list[ImageUpload],
+        allow_duplicate: bool,
+        liveness: bool,
+        collection: str = DEFAULT_COLLECTION,
     ) -> RegisterOutcome:
-        existing = store.embeddings_of(user_id)  # raises USER_NOT_FOUND before any inference
+        existing = store.embeddings_of(user_id, collection=collection)  # USER_NOT_FOUND before any inference
         found, rejected = self._collect(uploads, liveness)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.asarray(existing, np.float32))
         guard = None if allow_duplicate else self._refuse_duplicates
-        user = store.add_faces(user_id, embeddings, self.engine.model_id, guard=guard)
+        user = store.add_faces(user_id, embeddings, self.engine.model_id, collection=collection, guard=guard)
         return RegisterOutcome(user, rejected)
 
     def verify(
-        self, store: FaceStore, upload: ImageUpload, threshold: float | None, top_k: int, liveness: bool
+        self,
+        store: FaceStore,
+        upload: ImageUpload,
+        threshold: float | None,
+        top_k: int,
+        liveness: bool,
+        collection: str = DEFAULT_COLLECTION,
     ) -> VerifyOutcome:
+        store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
         found = self.find_face(upload, "largest", liveness)
         embedding = self._embed_found([found])[0]
-        result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1))
+        result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1), collection=collection)
         applied = threshold if threshold is not None else self.identify_threshold(result.users)
         if not result.matches[0]:
             return VerifyOutcome(False, None, applied, [], found.face)

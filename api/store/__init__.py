@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from api.store.base import (
     DEFAULT_COLLECTION,
+    CollectionInfo,
     FaceStore,
     SearchResult,
     StoredUser,
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_COLLECTION",
+    "CollectionInfo",
     "FaceStore",
     "SearchResult",
     "StoredUser",

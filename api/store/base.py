@@ -8,6 +8,7 @@ implement it: :class:`api.store.npz.NpzFaceStore` (one file, the embedded defaul
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,8 +16,12 @@ from typing import Protocol
 
 import numpy as np
 
-# Every user belongs to one collection; the API exposes only this one so far.
+from api.config import COLLECTION_NAME_PATTERN
+from api.errors import CollectionNotFoundError, InvalidCollectionNameError
+
+# Every user belongs to exactly one collection: a gallery that never sees the others. This one always exists.
 DEFAULT_COLLECTION = "default"
+_COLLECTION_NAME = re.compile(COLLECTION_NAME_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,17 @@ class UserRecord:
     created_at: datetime
     updated_at: datetime
     faces: int
+    collection: str = DEFAULT_COLLECTION
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    """A collection and what it holds now."""
+
+    name: str
+    users: int
+    faces: int
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -53,11 +69,12 @@ class UserMatch:
 class SearchResult:
     """``matches[i]``: the best users for probe ``i``, best first, at most ``top_k``.
 
-    ``users`` is how many users the searched gallery holds (users of the model, the excluded one included):
-    the ``N`` of the 1:N threshold rule, read in the same snapshot as the matches.
+    ``users`` and ``faces`` are what the searched gallery (one collection, one model; the excluded user
+    included) holds: the ``N`` of the 1:N threshold rules, read in the same snapshot as the matches.
     """
 
     users: int
+    faces: int
     matches: list[list[UserMatch]]
 
 
@@ -70,6 +87,9 @@ WriteGuard = Callable[[SearchResult], None]
 class FaceStore(Protocol):
     """What services and routers may use.
 
+    Every user lives in one collection, and every method that names a user or searches takes the collection
+    (default ``"default"``): a user id of another collection is ``UserNotFoundError``, exactly like an unknown
+    id, and a search sees only its collection. An unknown collection raises ``CollectionNotFoundError``.
     Unknown ids raise ``UserNotFoundError``; descriptors of another model or dimension than the user's (or
     than the store holds for that model) ``ModelMismatchError``; a store that cannot be reached
     ``StoreUnavailableError``. Descriptors passed in must be unit vectors for search to be meaningful.
@@ -79,36 +99,72 @@ class FaceStore(Protocol):
     backend: str
 
     def add_user(
-        self, name: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        guard: WriteGuard | None = None,
     ) -> UserRecord: ...
 
     def add_faces(
-        self, user_id: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+        self,
+        user_id: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        guard: WriteGuard | None = None,
     ) -> UserRecord: ...
 
-    def rename(self, user_id: str, name: str) -> UserRecord: ...
+    def rename(self, user_id: str, name: str, *, collection: str = DEFAULT_COLLECTION) -> UserRecord: ...
 
-    def delete(self, user_id: str) -> None: ...
+    def delete(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> None: ...
 
-    def get(self, user_id: str) -> UserRecord: ...
+    def get(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> UserRecord: ...
 
-    def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]: ...
+    def list_users(
+        self, offset: int = 0, limit: int | None = None, *, collection: str = DEFAULT_COLLECTION
+    ) -> tuple[list[UserRecord], int]: ...
 
-    def count(self) -> int: ...
+    def count(self, collection: str | None = None) -> int:
+        """Users of ``collection``, or of every collection when None."""
+        ...
 
-    def embeddings_of(self, user_id: str) -> np.ndarray: ...
+    def embeddings_of(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> np.ndarray: ...
 
     def search(
-        self, model_id: str, probes: np.ndarray, top_k: int, exclude_user: str | None = None
+        self,
+        model_id: str,
+        probes: np.ndarray,
+        top_k: int,
+        exclude_user: str | None = None,
+        *,
+        collection: str = DEFAULT_COLLECTION,
     ) -> SearchResult: ...
 
+    def list_collections(self) -> list[CollectionInfo]: ...
+
+    def get_collection(self, name: str) -> CollectionInfo: ...
+
+    def create_collection(self, name: str) -> CollectionInfo:
+        """``CollectionExistsError`` if it exists already."""
+        ...
+
+    def delete_collection(self, name: str, *, force: bool = False) -> int:
+        """Remove the collection with every user and descriptor of it; returns how many users went.
+        ``CollectionNotEmptyError`` unless empty or ``force``; ``default`` cannot be deleted."""
+        ...
+
     def export_users(self, batch_size: int) -> Iterator[list[StoredUser]]:
-        """Every user with their descriptors, in (created_at, id) order, ``batch_size`` at a time."""
+        """Every user of every collection with their descriptors, in (created_at, id) order, ``batch_size`` at a
+        time."""
         ...
 
     def import_users(self, users: list[StoredUser]) -> int:
-        """Add users keeping their ids and timestamps; ids already present are skipped (so a copy can be
-        re-run). Returns how many were added."""
+        """Add users keeping their ids, collections and timestamps (missing collections are created); ids
+        already present are skipped (so a copy can be re-run). Returns how many were added."""
         ...
 
     def check(self) -> None:
@@ -158,6 +214,22 @@ def checked_text(value: str, what: str, *, allow_empty: bool) -> str:
     except UnicodeEncodeError as exc:
         raise ValueError(f"{what} is not valid Unicode text") from exc
     return value
+
+
+def checked_collection_name(name: str) -> str:
+    """1-64 characters of ``a-z 0-9 _ -``: safe in URLs, file formats and SQL identifiers alike."""
+    if not isinstance(name, str) or not _COLLECTION_NAME.match(name):
+        raise InvalidCollectionNameError(
+            f"Invalid collection name {str(name)[:80]!r}: use 1-64 characters of a-z, 0-9, _ and -.",
+            collection=str(name)[:80],
+        )
+    return name
+
+
+def collection_not_found(name: str) -> CollectionNotFoundError:
+    return CollectionNotFoundError(
+        f"No collection named {name!r}; create it with POST /api/collections.", collection=name
+    )
 
 
 def checked_page(offset: int, limit: int | None) -> None:

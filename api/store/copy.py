@@ -1,15 +1,17 @@
 """Copy every user and descriptor from one store to another (``python -m api.cli store copy SRC DST``).
 
-Streams in batches (the source is never loaded whole into the destination's memory), keeps ids, names and
-timestamps, skips users the destination already holds (so an interrupted copy is simply run again) and
+Streams in batches (the source is never loaded whole into the destination's memory), keeps ids, names,
+collections and timestamps, skips users the destination already holds (so an interrupted copy is simply run again) and
 checks the counts at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from api.errors import CollectionExistsError
 from api.store.base import FaceStore
 
 # Below this many users, inserting into a live HNSW index is fast enough; above it, building the index once
@@ -43,6 +45,9 @@ def copy_store(
     models: set[str] = set()
     rebuild = before == 0 and source_users >= DEFER_INDEX_MIN_USERS and hasattr(destination, "drop_search_index")
     copied = 0
+    for collection in source.list_collections():  # empty ones too; those with users would come with them
+        with contextlib.suppress(CollectionExistsError):
+            destination.create_collection(collection.name)
     for batch in source.export_users(batch_size):
         copied += destination.import_users(batch)
         new_models = {u.record.model_id for u in batch} - models

@@ -7,14 +7,17 @@ one matrix product over the model's descriptors, exact.
 File layout (``numpy.savez``, uncompressed, always read with ``allow_pickle=False``):
 
 ``format_version``
-    int64 scalar, :data:`FORMAT_VERSION`. Files of another format version are refused, not guessed at.
+    int64 scalar: 1 or 2 (:data:`FORMAT_VERSIONS`). Files of another format version are refused, not guessed at.
 ``version``
     int64 scalar, the store's counter; every write stores the previous value + 1.
 ``meta``
     uint8 array holding UTF-8 JSON: ``{"models": [{"id", "dim"}, ...], "users": [{"id", "name",
     "model_id", "created_at", "updated_at", "faces"}, ...]}``, users in (created_at, id) order,
     timestamps ISO 8601 in UTC. JSON in bytes rather than numpy unicode arrays because numpy strips
-    trailing NUL characters from ``<U`` strings and names are free text.
+    trailing NUL characters from ``<U`` strings and names are free text. Version 2 adds
+    ``"collections": [{"name", "created_at"}, ...]`` and a ``"collection"`` per user; version 1 files hold
+    only the ``default`` collection. A store that holds nothing but ``default`` is written as version 1, so
+    tools that read version 1 keep working until collections are used.
 ``emb_<i>``
     float32 (rows, dim) for ``models[i]``: the descriptors of that model's users, user after user in
     ``users`` order, ``faces`` rows each.
@@ -48,6 +51,10 @@ import filelock
 import numpy as np
 
 from api.errors import (
+    CollectionExistsError,
+    CollectionNotEmptyError,
+    CollectionProtectedError,
+    InvalidCollectionNameError,
     ModelMismatchError,
     StoreCorruptError,
     StoreKeyError,
@@ -55,24 +62,31 @@ from api.errors import (
     UserNotFoundError,
 )
 from api.store.base import (
+    DEFAULT_COLLECTION,
+    CollectionInfo,
     SearchResult,
     StoredUser,
     UserMatch,
     UserRecord,
     WriteGuard,
+    checked_collection_name,
     checked_embeddings,
     checked_page,
     checked_probes,
     checked_text,
+    collection_not_found,
     utc_now,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this code writes
+FORMAT_VERSIONS = (1, 2)  # what it reads
 DEFAULT_STORE_NAME = "face_database.npz"
 
 _T = TypeVar("_T")
 _TMP_SUFFIX = ".tmp"
 _USER_KEYS = frozenset({"id", "name", "model_id", "created_at", "updated_at", "faces"})
+_USER_KEYS_V2 = _USER_KEYS | {"collection"}
+_COLLECTION_KEYS = frozenset({"name", "created_at"})
 _MODEL_KEYS = frozenset({"id", "dim"})
 # A zip archive starts with a local file header, or with the end-of-directory record when empty.
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
@@ -134,6 +148,10 @@ class _Entry:
         }
         return json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
 
+    @cached_property
+    def meta_json_v2(self) -> str:
+        return f'{self.meta_json[:-1]},"collection":{json.dumps(self.record.collection)}}}'
+
 
 @dataclass(frozen=True)
 class _State:
@@ -143,22 +161,45 @@ class _State:
     users: Mapping[str, _Entry]  # insertion order == (created_at, id) order
     records: tuple[UserRecord, ...]  # the same order, for paging without re-sorting
     dims: Mapping[str, int]  # model id -> descriptor dimension
+    collections: Mapping[str, datetime]  # name -> created_at; always holds DEFAULT_COLLECTION
 
     @staticmethod
-    def build(version: int, entries: Iterable[_Entry]) -> _State:
+    def build(version: int, entries: Iterable[_Entry], collections: Mapping[str, datetime] | None = None) -> _State:
         # Sorting on every write is linear in practice: Timsort on an already sorted list plus one item.
         ordered = sorted(entries, key=lambda e: (e.record.created_at, e.record.id))
         dims: dict[str, int] = {}
         for entry in ordered:
             dims.setdefault(entry.record.model_id, int(entry.embeddings.shape[1]))
+        known = dict(collections or {})
+        if DEFAULT_COLLECTION not in known:
+            # A version 1 file does not record when `default` began: its first user did, or the store's opening.
+            known[DEFAULT_COLLECTION] = ordered[0].record.created_at if ordered else _OPENED_AT
         return _State(
             version=version,
             users={e.record.id: e for e in ordered},
             records=tuple(e.record for e in ordered),
             dims=dims,
+            collections=known,
         )
 
+    def with_entries(self, entries: Iterable[_Entry]) -> _State:
+        """The next state: these users, the same collections."""
+        return _State.build(self.version + 1, entries, self.collections)
 
+    @cached_property
+    def records_by_collection(self) -> Mapping[str, tuple[UserRecord, ...]]:
+        grouped: dict[str, list[UserRecord]] = {name: [] for name in self.collections}
+        for record in self.records:
+            grouped[record.collection].append(record)
+        return {name: tuple(records) for name, records in grouped.items()}
+
+    @property
+    def only_default(self) -> bool:
+        """Nothing a version 1 file cannot hold."""
+        return list(self.collections) == [DEFAULT_COLLECTION]
+
+
+_OPENED_AT = datetime.now(UTC)
 _EMPTY = _State.build(0, ())
 
 
@@ -193,10 +234,20 @@ def _serialize(state: _State) -> bytes:
     model_json = json.dumps(
         [{"id": m, "dim": state.dims[m]} for m in models], ensure_ascii=False, separators=(",", ":")
     )
-    users_json = ",".join(e.meta_json for e in state.users.values())
-    text = f'{{"models":{model_json},"users":[{users_json}]}}'
+    if state.only_default:
+        format_version = 1
+        users_json = ",".join(e.meta_json for e in state.users.values())
+        text = f'{{"models":{model_json},"users":[{users_json}]}}'
+    else:
+        format_version = FORMAT_VERSION
+        users_json = ",".join(e.meta_json_v2 for e in state.users.values())
+        collections_json = json.dumps(
+            [{"name": n, "created_at": t.isoformat()} for n, t in sorted(state.collections.items())],
+            separators=(",", ":"),
+        )
+        text = f'{{"collections":{collections_json},"models":{model_json},"users":[{users_json}]}}'
     arrays: dict[str, np.ndarray] = {
-        "format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "format_version": np.array(format_version, dtype=np.int64),
         "version": np.array(state.version, dtype=np.int64),
         "meta": np.frombuffer(text.encode("utf-8"), dtype=np.uint8),
     }
@@ -235,8 +286,10 @@ def _state_from_arrays(arrays: Mapping[str, np.ndarray]) -> _State:
     if "format_version" not in arrays:
         raise _FormatError("no 'format_version' array")
     format_version = _int_scalar(arrays, "format_version")
-    if format_version != FORMAT_VERSION:
-        raise _FormatError(f"format version {format_version} is not supported (this code reads {FORMAT_VERSION})")
+    if format_version not in FORMAT_VERSIONS:
+        raise _FormatError(
+            f"format version {format_version} is not supported (this code reads versions {FORMAT_VERSIONS})"
+        )
     for key in ("version", "meta"):
         if key not in arrays:
             raise _FormatError(f"no {key!r} array")
@@ -251,10 +304,12 @@ def _state_from_arrays(arrays: Mapping[str, np.ndarray]) -> _State:
         meta = json.loads(meta_array.tobytes().decode("utf-8"))
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise _FormatError(f"'meta' is not UTF-8 JSON: {exc}") from exc
-    if not isinstance(meta, dict) or set(meta) != {"models", "users"}:
-        raise _FormatError("'meta' must be an object with exactly 'models' and 'users'")
-    if not isinstance(meta["models"], list) or not isinstance(meta["users"], list):
-        raise _FormatError("'meta.models' and 'meta.users' must be lists")
+    meta_keys = {"models", "users"} if format_version == 1 else {"collections", "models", "users"}
+    if not isinstance(meta, dict) or set(meta) != meta_keys:
+        raise _FormatError(f"'meta' must be an object with exactly {sorted(meta_keys)}")
+    if any(not isinstance(meta[key], list) for key in meta_keys):
+        raise _FormatError(f"{sorted(meta_keys)} of 'meta' must be lists")
+    collections = _collections_from_json(meta.get("collections", []))
 
     dims: dict[str, int] = {}
     for model in meta["models"]:
@@ -287,7 +342,7 @@ def _state_from_arrays(arrays: Mapping[str, np.ndarray]) -> _State:
     seen: set[str] = set()
     entries: list[_Entry] = []
     for user in meta["users"]:
-        record = _record_from_json(user, dims)
+        record = _record_from_json(user, dims, collections if format_version > 1 else None)
         if record.id in seen:
             raise _FormatError(f"duplicate user id {record.id!r}")
         seen.add(record.id)
@@ -302,7 +357,25 @@ def _state_from_arrays(arrays: Mapping[str, np.ndarray]) -> _State:
             raise _FormatError(f"'emb_{i}' has {matrix.shape[0]} rows, its users {offsets[i]} faces")
         if offsets[i] == 0:
             raise _FormatError(f"model {model_id!r} has no users")
-    return _State.build(version, entries)
+    return _State.build(version, entries, collections)
+
+
+def _collections_from_json(items: list[Any]) -> dict[str, datetime]:
+    collections: dict[str, datetime] = {}
+    for item in items:
+        if not isinstance(item, dict) or set(item) != _COLLECTION_KEYS:
+            raise _FormatError(f"malformed collection entry {str(item)[:200]}")
+        name = item["name"]
+        try:
+            checked_collection_name(name)
+        except InvalidCollectionNameError:
+            raise _FormatError(f"bad collection name {str(name)[:80]!r}") from None
+        if name in collections:
+            raise _FormatError(f"duplicate collection {name!r}")
+        collections[name] = _parse_time(item["created_at"], f"collection {name}")
+    if items and DEFAULT_COLLECTION not in collections:
+        raise _FormatError(f"the {DEFAULT_COLLECTION!r} collection is missing")
+    return collections
 
 
 def _is_int(value: object) -> bool:
@@ -316,9 +389,13 @@ def _int_scalar(arrays: Mapping[str, np.ndarray], key: str) -> int:
     return int(value)
 
 
-def _record_from_json(user: Any, dims: Mapping[str, int]) -> UserRecord:
-    if not isinstance(user, dict) or set(user) != _USER_KEYS:
+def _record_from_json(user: Any, dims: Mapping[str, int], collections: Mapping[str, datetime] | None) -> UserRecord:
+    """``collections``: those of a version 2 file (every user names one of them); None for version 1."""
+    if not isinstance(user, dict) or set(user) != (_USER_KEYS if collections is None else _USER_KEYS_V2):
         raise _FormatError(f"malformed user entry {str(user)[:200]}")
+    collection = DEFAULT_COLLECTION if collections is None else user["collection"]
+    if collections is not None and collection not in collections:
+        raise _FormatError(f"user {str(user['id'])[:80]!r} is in unknown collection {str(collection)[:80]!r}")
     user_id, name, model_id, faces = user["id"], user["name"], user["model_id"], user["faces"]
     if not isinstance(user_id, str) or not user_id:
         raise _FormatError(f"bad user id {user_id!r}")
@@ -332,19 +409,20 @@ def _record_from_json(user: Any, dims: Mapping[str, int]) -> UserRecord:
         id=user_id,
         name=name,
         model_id=model_id,
-        created_at=_parse_time(user["created_at"], user_id),
-        updated_at=_parse_time(user["updated_at"], user_id),
+        created_at=_parse_time(user["created_at"], f"user {user_id!r}"),
+        updated_at=_parse_time(user["updated_at"], f"user {user_id!r}"),
         faces=faces,
+        collection=collection,
     )
 
 
-def _parse_time(value: object, user_id: str) -> datetime:
+def _parse_time(value: object, owner: str) -> datetime:
     try:
         parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         parsed = None
     if parsed is None or parsed.utcoffset() is None:
-        raise _FormatError(f"bad timestamp {value!r} for user {user_id!r}")
+        raise _FormatError(f"bad timestamp {value!r} for {owner}")
     return parsed.astimezone(UTC)
 
 
@@ -404,7 +482,7 @@ class NpzFaceStore:
         self._state: _State = _EMPTY
         self._sig: _Sig | None = None
         self._digest: bytes | None = None
-        self._galleries: dict[str, _Gallery] = {}  # per model, for self._state only
+        self._galleries: dict[tuple[str, str], _Gallery] = {}  # per (collection, model), for self._state only
         with self._cache_lock:
             self._reload_locked()
         self._remove_leftover_temp_files()
@@ -420,30 +498,57 @@ class NpzFaceStore:
 
     # --- reads ------------------------------------------------------------------------------------------
 
-    def get(self, user_id: str) -> UserRecord:
-        return self._entry(self._current(), user_id).record
+    def get(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> UserRecord:
+        return self._entry(self._current(), user_id, collection).record
 
-    def embeddings_of(self, user_id: str) -> np.ndarray:
+    def embeddings_of(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> np.ndarray:
         """The user's descriptors, (faces, d) float32, read-only."""
-        return self._entry(self._current(), user_id).embeddings
+        return self._entry(self._current(), user_id, collection).embeddings
 
-    def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]:
-        """A page of users in (created_at, id) order, and the total number of users."""
+    def list_users(
+        self, offset: int = 0, limit: int | None = None, *, collection: str = DEFAULT_COLLECTION
+    ) -> tuple[list[UserRecord], int]:
+        """A page of the collection's users in (created_at, id) order, and how many it holds."""
         checked_page(offset, limit)
-        records = self._current().records
+        state = self._current()
+        records = state.records_by_collection.get(collection)
+        if records is None:
+            raise collection_not_found(collection)
         stop = len(records) if limit is None else offset + limit
         return list(records[offset:stop]), len(records)
 
-    def count(self) -> int:
-        return len(self._current().users)
+    def count(self, collection: str | None = None) -> int:
+        state = self._current()
+        if collection is None:
+            return len(state.users)
+        records = state.records_by_collection.get(collection)
+        if records is None:
+            raise collection_not_found(collection)
+        return len(records)
 
-    def search(self, model_id: str, probes: np.ndarray, top_k: int, exclude_user: str | None = None) -> SearchResult:
-        """Exact best-of-faces search over every descriptor of ``model_id`` (one matrix product per probe)."""
+    def search(
+        self,
+        model_id: str,
+        probes: np.ndarray,
+        top_k: int,
+        exclude_user: str | None = None,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+    ) -> SearchResult:
+        """Exact best-of-faces search over the collection's descriptors of ``model_id`` (one matrix product)."""
         probes = checked_probes(probes, top_k)
-        with self._cache_lock:
-            state = self._current()
-            gallery = self._gallery_of(state, model_id)
-        return self._search_in(state, gallery, model_id, probes, top_k, exclude_user)
+        state = self._current()
+        return self._search_in(state, collection, model_id, probes, top_k, exclude_user)
+
+    def list_collections(self) -> list[CollectionInfo]:
+        state = self._current()
+        return [self._collection_info(state, name) for name in sorted(state.collections)]
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        state = self._current()
+        if name not in state.collections:
+            raise collection_not_found(name)
+        return self._collection_info(state, name)
 
     def export_users(self, batch_size: int) -> Iterator[list[StoredUser]]:
         if batch_size < 1:
@@ -461,33 +566,46 @@ class NpzFaceStore:
     # --- writes -----------------------------------------------------------------------------------------
 
     def add_user(
-        self, name: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        guard: WriteGuard | None = None,
     ) -> UserRecord:
         name = checked_text(name, "name", allow_empty=True)
         model_id = checked_text(model_id, "model_id", allow_empty=False)
         faces = checked_embeddings(embeddings)
 
         def apply(state: _State) -> tuple[_State, UserRecord]:
+            self._check_collection(state, collection)
             self._check_dimension(state, model_id, faces.shape[1])
             if guard is not None:
-                guard(self._search_in(state, self._gallery_of(state, model_id), model_id, faces, 1, None))
+                guard(self._search_in(state, collection, model_id, faces, 1, None))
             user_id = uuid.uuid4().hex
             while user_id in state.users:  # practically never; ids must be unique all the same
                 user_id = uuid.uuid4().hex
             now = utc_now()
-            record = UserRecord(user_id, name, model_id, now, now, int(faces.shape[0]))
-            return _State.build(state.version + 1, [*state.users.values(), _Entry(record, faces)]), record
+            record = UserRecord(user_id, name, model_id, now, now, int(faces.shape[0]), collection)
+            return state.with_entries([*state.users.values(), _Entry(record, faces)]), record
 
         return self._write(apply)
 
     def add_faces(
-        self, user_id: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+        self,
+        user_id: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        guard: WriteGuard | None = None,
     ) -> UserRecord:
         model_id = checked_text(model_id, "model_id", allow_empty=False)
         faces = checked_embeddings(embeddings)
 
         def apply(state: _State) -> tuple[_State, UserRecord]:
-            entry = self._entry(state, user_id)
+            entry = self._entry(state, user_id, collection)
             if entry.record.model_id != model_id:
                 raise ModelMismatchError(
                     f"User {user_id} was registered with model {entry.record.model_id!r}, "
@@ -498,7 +616,7 @@ class NpzFaceStore:
                 )
             self._check_dimension(state, model_id, faces.shape[1])
             if guard is not None:
-                guard(self._search_in(state, self._gallery_of(state, model_id), model_id, faces, 1, user_id))
+                guard(self._search_in(state, collection, model_id, faces, 1, user_id))
             stacked = np.concatenate([entry.embeddings, faces], axis=0)
             stacked.setflags(write=False)
             record = replace(entry.record, faces=int(stacked.shape[0]), updated_at=utc_now())
@@ -506,26 +624,58 @@ class NpzFaceStore:
 
         return self._write(apply)
 
-    def rename(self, user_id: str, name: str) -> UserRecord:
+    def rename(self, user_id: str, name: str, *, collection: str = DEFAULT_COLLECTION) -> UserRecord:
         name = checked_text(name, "name", allow_empty=True)
 
         def apply(state: _State) -> tuple[_State, UserRecord]:
-            entry = self._entry(state, user_id)
+            entry = self._entry(state, user_id, collection)
             record = replace(entry.record, name=name, updated_at=utc_now())
             return self._replaced(state, _Entry(record, entry.embeddings)), record
 
         return self._write(apply)
 
-    def delete(self, user_id: str) -> None:
+    def delete(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> None:
         def apply(state: _State) -> tuple[_State, None]:
-            self._entry(state, user_id)
-            remaining = [e for uid, e in state.users.items() if uid != user_id]
-            return _State.build(state.version + 1, remaining), None
+            self._entry(state, user_id, collection)
+            return state.with_entries(e for uid, e in state.users.items() if uid != user_id), None
 
         self._write(apply)
 
+    def create_collection(self, name: str) -> CollectionInfo:
+        checked_collection_name(name)
+
+        def apply(state: _State) -> tuple[_State, CollectionInfo]:
+            if name in state.collections:
+                raise CollectionExistsError(f"The collection {name!r} exists already.", collection=name)
+            new = _State.build(state.version + 1, state.users.values(), {**state.collections, name: utc_now()})
+            return new, self._collection_info(new, name)
+
+        return self._write(apply)
+
+    def delete_collection(self, name: str, *, force: bool = False) -> int:
+        """Rewrites the file without the collection's users: none of their descriptors remains in it."""
+
+        def apply(state: _State) -> tuple[_State, int]:
+            if name == DEFAULT_COLLECTION:
+                raise CollectionProtectedError(f"The {DEFAULT_COLLECTION!r} collection cannot be deleted.")
+            if name not in state.collections:
+                raise collection_not_found(name)
+            doomed = len(state.records_by_collection[name])
+            if doomed and not force:
+                raise CollectionNotEmptyError(
+                    f"The collection {name!r} holds {doomed} users; pass force=true to delete them with it.",
+                    collection=name,
+                    users=doomed,
+                )
+            kept = [e for e in state.users.values() if e.record.collection != name]
+            collections = {n: t for n, t in state.collections.items() if n != name}
+            return _State.build(state.version + 1, kept, collections), doomed
+
+        return self._write(apply)
+
     def import_users(self, users: list[StoredUser]) -> int:
-        """One write for the whole batch; ids already in the file are skipped, so a copy can be re-run."""
+        """One write for the whole batch; ids already in the file are skipped, so a copy can be re-run.
+        Collections the users name are created."""
         incoming = [
             _Entry(
                 replace(
@@ -533,6 +683,7 @@ class NpzFaceStore:
                     id=checked_text(u.record.id, "id", allow_empty=False),
                     name=checked_text(u.record.name, "name", allow_empty=True),
                     model_id=checked_text(u.record.model_id, "model_id", allow_empty=False),
+                    collection=checked_collection_name(u.record.collection),
                 ),
                 checked_embeddings(u.embeddings),
             )
@@ -549,7 +700,10 @@ class NpzFaceStore:
                 return state, 0
             for entry in new:
                 self._check_dimension(state, entry.record.model_id, entry.embeddings.shape[1])
-            merged = _State.build(state.version + 1, [*state.users.values(), *new])
+            collections = dict(state.collections)
+            for entry in new:
+                collections.setdefault(entry.record.collection, utc_now())
+            merged = _State.build(state.version + 1, [*state.users.values(), *new], collections)
             # Two users of one model in the same batch must agree on the dimension too.
             for entry in new:
                 self._check_dimension(merged, entry.record.model_id, entry.embeddings.shape[1])
@@ -560,17 +714,29 @@ class NpzFaceStore:
     # --- internals --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _entry(state: _State, user_id: str) -> _Entry:
+    def _entry(state: _State, user_id: str, collection: str) -> _Entry:
+        """The user, if they are in ``collection``: a user of another collection is as unknown as no user."""
         entry = state.users.get(user_id)
-        if entry is None:
+        if entry is None or entry.record.collection != collection:
+            NpzFaceStore._check_collection(state, collection)
             raise UserNotFoundError(f"No user with id {user_id!r}", user_id=user_id)
         return entry
+
+    @staticmethod
+    def _check_collection(state: _State, collection: str) -> None:
+        if collection not in state.collections:
+            raise collection_not_found(collection)
+
+    @staticmethod
+    def _collection_info(state: _State, name: str) -> CollectionInfo:
+        records = state.records_by_collection[name]
+        return CollectionInfo(name, len(records), sum(r.faces for r in records), state.collections[name])
 
     @staticmethod
     def _replaced(state: _State, entry: _Entry) -> _State:
         users = dict(state.users)
         users[entry.record.id] = entry
-        return _State.build(state.version + 1, users.values())
+        return state.with_entries(users.values())
 
     @staticmethod
     def _check_dimension(state: _State, model_id: str, dim: int) -> None:
@@ -584,25 +750,26 @@ class NpzFaceStore:
                 got_dim=int(dim),
             )
 
-    def _gallery_of(self, state: _State, model_id: str) -> _Gallery:
-        """The model's gallery in ``state``, cached while ``state`` is the installed one."""
+    def _gallery_of(self, state: _State, collection: str, model_id: str) -> _Gallery:
+        """The collection's gallery of the model in ``state``, cached while ``state`` is the installed one."""
         with self._cache_lock:
             if state is not self._state:
-                return self._build_gallery(state, model_id)
-            gallery = self._galleries.get(model_id)
+                return self._build_gallery(state, collection, model_id)
+            gallery = self._galleries.get((collection, model_id))
             if gallery is None:
-                gallery = self._galleries[model_id] = self._build_gallery(state, model_id)
+                gallery = self._galleries[(collection, model_id)] = self._build_gallery(state, collection, model_id)
             return gallery
 
-    @staticmethod
     def _search_in(
+        self,
         state: _State,
-        gallery: _Gallery,
+        collection: str,
         model_id: str,
         probes: np.ndarray,
         top_k: int,
         exclude_user: str | None,
     ) -> SearchResult:
+        self._check_collection(state, collection)
         dim = state.dims.get(model_id)
         if dim is not None and probes.shape[1] != dim:
             raise ModelMismatchError(
@@ -611,12 +778,15 @@ class NpzFaceStore:
                 expected_dim=dim,
                 got_dim=int(probes.shape[1]),
             )
+        gallery = self._gallery_of(state, collection, model_id)
         matches = [gallery.search(probe, top_k, exclude_user) for probe in probes]
-        return SearchResult(users=len(gallery.user_ids), matches=matches)
+        return SearchResult(users=len(gallery.user_ids), faces=len(gallery.embeddings), matches=matches)
 
     @staticmethod
-    def _build_gallery(state: _State, model_id: str) -> _Gallery:
-        entries = [e for e in state.users.values() if e.record.model_id == model_id]
+    def _build_gallery(state: _State, collection: str, model_id: str) -> _Gallery:
+        entries = [
+            e for e in state.users.values() if e.record.model_id == model_id and e.record.collection == collection
+        ]
         if entries:
             embeddings = np.concatenate([e.embeddings for e in entries], axis=0)
             counts = [e.record.faces for e in entries]

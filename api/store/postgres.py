@@ -41,6 +41,9 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from api.errors import (
+    CollectionExistsError,
+    CollectionNotEmptyError,
+    CollectionProtectedError,
     ModelMismatchError,
     StoreConfigError,
     StoreSchemaError,
@@ -49,21 +52,24 @@ from api.errors import (
 )
 from api.store.base import (
     DEFAULT_COLLECTION,
+    CollectionInfo,
     SearchResult,
     StoredUser,
     UserMatch,
     UserRecord,
     WriteGuard,
+    checked_collection_name,
     checked_embeddings,
     checked_page,
     checked_probes,
     checked_text,
+    collection_not_found,
     utc_now,
 )
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # pgvector 0.8.0 brought iterative index scans; 0.6.0-0.8.1 have CVE-2026-3172 in parallel HNSW builds.
 MIN_PGVECTOR = (0, 8, 0)
 SAFE_PGVECTOR = (0, 8, 2)
@@ -106,6 +112,25 @@ _MIGRATIONS: dict[int, list[str]] = {
             PRIMARY KEY (collection, model_id)
         )""",
     ],
+    # Collections as rows of their own (a collection may be empty), faces counted per gallery (the
+    # duplicate check's rule and the choice between exact and index search read it), and a btree to reach
+    # one collection's descriptors without the HNSW index.
+    2: [
+        """CREATE TABLE face_collections (
+            name text PRIMARY KEY CHECK (name ~ '^[a-z0-9_-]{1,64}$'),
+            created_at timestamptz NOT NULL DEFAULT now()
+        )""",
+        "INSERT INTO face_collections (name, created_at) SELECT 'default', coalesce(min(created_at), now()) "
+        "FROM face_users",
+        "INSERT INTO face_collections (name, created_at) SELECT collection, min(created_at) FROM face_users "
+        "WHERE collection <> 'default' GROUP BY collection",
+        "ALTER TABLE face_users ADD CONSTRAINT face_users_collection_fkey "
+        "FOREIGN KEY (collection) REFERENCES face_collections (name)",
+        "ALTER TABLE face_gallery_counts ADD COLUMN faces bigint NOT NULL DEFAULT 0 CHECK (faces >= 0)",
+        "UPDATE face_gallery_counts c SET faces = coalesce((SELECT sum(u.faces) FROM face_users u "
+        "WHERE u.collection = c.collection AND u.model_id = c.model_id), 0)",
+        "CREATE INDEX face_descriptors_gallery ON face_descriptors (collection, model_id)",
+    ],
 }
 
 
@@ -121,6 +146,9 @@ class PostgresOptions:
     hnsw_ef_construction: int = 64
     # Index rows read per query before re-ranking: enough for top_k users of several faces each.
     min_candidates: int = 40
+    # A gallery (collection x model) of at most this many faces is searched exactly, without the index: a few
+    # milliseconds, recall 1, and no starving of a small collection's search by a filter on a shared index.
+    exact_search_max_faces: int = 10_000
 
 
 def safe_location(url: str) -> str:
@@ -310,41 +338,71 @@ class PostgresFaceStore:
 
     # --- reads -----------------------------------------------------------------------------------------
 
-    def get(self, user_id: str) -> UserRecord:
+    def get(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> UserRecord:
         with self._connection() as conn:
-            return self._get(conn, user_id)
+            return self._get(conn, user_id, collection)
 
-    def embeddings_of(self, user_id: str) -> np.ndarray:
+    def embeddings_of(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> np.ndarray:
         with self._connection() as conn:
             rows = conn.execute(
-                "SELECT embedding FROM face_descriptors WHERE user_id = %s ORDER BY position", (user_id,)
+                "SELECT embedding FROM face_descriptors WHERE user_id = %s AND collection = %s ORDER BY position",
+                (user_id, collection),
             ).fetchall()
             if not rows:
-                self._get(conn, user_id)  # raises USER_NOT_FOUND
+                self._get(conn, user_id, collection)  # raises USER_NOT_FOUND (or COLLECTION_NOT_FOUND)
         matrix = np.stack([_array(r[0]) for r in rows])
         matrix.setflags(write=False)
         return matrix
 
-    def list_users(self, offset: int = 0, limit: int | None = None) -> tuple[list[UserRecord], int]:
+    def list_users(
+        self, offset: int = 0, limit: int | None = None, *, collection: str = DEFAULT_COLLECTION
+    ) -> tuple[list[UserRecord], int]:
         checked_page(offset, limit)
         with self._connection() as conn, conn.transaction():
+            self._check_collection(conn, collection)
             rows = conn.execute(
-                f"SELECT {_USER_COLUMNS} FROM face_users ORDER BY created_at, id OFFSET %s LIMIT %s",
-                (offset, limit),
+                f"SELECT {_USER_COLUMNS} FROM face_users WHERE collection = %s "
+                "ORDER BY created_at, id OFFSET %s LIMIT %s",
+                (collection, offset, limit),
             ).fetchall()
-            total = self._total(conn)
+            total = self._total(conn, collection)
         return [_record(r) for r in rows], total
 
-    def count(self) -> int:
-        with self._connection() as conn:
-            return self._total(conn)
+    def count(self, collection: str | None = None) -> int:
+        with self._connection() as conn, conn.transaction():
+            if collection is not None:
+                self._check_collection(conn, collection)
+            return self._total(conn, collection)
 
-    def search(self, model_id: str, probes: np.ndarray, top_k: int, exclude_user: str | None = None) -> SearchResult:
+    def search(
+        self,
+        model_id: str,
+        probes: np.ndarray,
+        top_k: int,
+        exclude_user: str | None = None,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+    ) -> SearchResult:
         probes = checked_probes(probes, top_k)
         with self._connection() as conn, conn.transaction():
             # One snapshot for the gallery size and every probe's matches.
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            return self._search(conn, model_id, DEFAULT_COLLECTION, probes, top_k, exclude_user)
+            self._check_collection(conn, collection)
+            return self._search(conn, model_id, collection, probes, top_k, exclude_user)
+
+    def list_collections(self) -> list[CollectionInfo]:
+        with self._connection() as conn:
+            rows = conn.execute(_COLLECTIONS_QUERY + " GROUP BY c.name, c.created_at ORDER BY c.name").fetchall()
+        return [CollectionInfo(r[0], int(r[1]), int(r[2]), r[3].astimezone(UTC)) for r in rows]
+
+    def get_collection(self, name: str) -> CollectionInfo:
+        with self._connection() as conn:
+            row = conn.execute(
+                _COLLECTIONS_QUERY + " WHERE c.name = %s GROUP BY c.name, c.created_at", (name,)
+            ).fetchone()
+        if row is None:
+            raise collection_not_found(name)
+        return CollectionInfo(row[0], int(row[1]), int(row[2]), row[3].astimezone(UTC))
 
     def export_users(self, batch_size: int) -> Iterator[list[StoredUser]]:
         """Keyset pages on (created_at, id): each page is consistent, and a long copy holds no transaction."""
@@ -379,36 +437,47 @@ class PostgresFaceStore:
     # --- writes ----------------------------------------------------------------------------------------
 
     def add_user(
-        self, name: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+        self,
+        name: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        guard: WriteGuard | None = None,
     ) -> UserRecord:
         name = checked_text(name, "name", allow_empty=True)
         model_id = checked_text(model_id, "model_id", allow_empty=False)
         faces = checked_embeddings(embeddings)
-        collection = DEFAULT_COLLECTION
         with self._connection() as conn, conn.transaction():
+            self._check_collection(conn, collection, for_share=True)
             self._ensure_model(conn, model_id, faces.shape[1])
             if guard is not None:
                 self._lock_collection(conn, collection)
                 guard(self._search(conn, model_id, collection, faces, 1, None))
             now = utc_now()
-            record = UserRecord(uuid.uuid4().hex, name, model_id, now, now, int(faces.shape[0]))
+            record = UserRecord(uuid.uuid4().hex, name, model_id, now, now, int(faces.shape[0]), collection)
             conn.execute(
                 "INSERT INTO face_users (id, collection, name, model_id, faces, created_at, updated_at) "
                 "VALUES (%s, %s, %s, %s, %s, %s, %s)",
                 (record.id, collection, name.encode("utf-8"), model_id, record.faces, now, now),
             )
             self._insert_descriptors(conn, [(record.id, 0, collection, model_id, faces)])
-            self._change_count(conn, collection, model_id, +1)
+            self._change_count(conn, collection, model_id, 1, record.faces)
         return record
 
     def add_faces(
-        self, user_id: str, embeddings: np.ndarray, model_id: str, *, guard: WriteGuard | None = None
+        self,
+        user_id: str,
+        embeddings: np.ndarray,
+        model_id: str,
+        *,
+        collection: str = DEFAULT_COLLECTION,
+        guard: WriteGuard | None = None,
     ) -> UserRecord:
         model_id = checked_text(model_id, "model_id", allow_empty=False)
         faces = checked_embeddings(embeddings)
         with self._connection() as conn, conn.transaction():
-            current = self._get(conn, user_id, for_update=True)
-            collection = self._collection_of(conn, user_id)
+            current = self._get(conn, user_id, collection, for_update=True)
             if current.model_id != model_id:
                 raise ModelMismatchError(
                     f"User {user_id} was registered with model {current.model_id!r}, "
@@ -426,31 +495,68 @@ class PostgresFaceStore:
                 f"UPDATE face_users SET faces = faces + %s, updated_at = %s WHERE id = %s RETURNING {_USER_COLUMNS}",
                 (int(faces.shape[0]), utc_now(), user_id),
             ).fetchone()
+            self._change_count(conn, collection, model_id, 0, int(faces.shape[0]))
         return _record(row)
 
-    def rename(self, user_id: str, name: str) -> UserRecord:
+    def rename(self, user_id: str, name: str, *, collection: str = DEFAULT_COLLECTION) -> UserRecord:
         name = checked_text(name, "name", allow_empty=True)
-        with self._connection() as conn:
+        with self._connection() as conn, conn.transaction():
             row = conn.execute(
-                f"UPDATE face_users SET name = %s, updated_at = %s WHERE id = %s RETURNING {_USER_COLUMNS}",
-                (name.encode("utf-8"), utc_now(), user_id),
+                f"UPDATE face_users SET name = %s, updated_at = %s WHERE id = %s AND collection = %s "
+                f"RETURNING {_USER_COLUMNS}",
+                (name.encode("utf-8"), utc_now(), user_id, collection),
             ).fetchone()
-        if row is None:
-            raise UserNotFoundError(f"No user with id {user_id!r}", user_id=user_id)
+            if row is None:
+                self._check_collection(conn, collection)
+                raise UserNotFoundError(f"No user with id {user_id!r}", user_id=user_id)
         return _record(row)
 
-    def delete(self, user_id: str) -> None:
+    def delete(self, user_id: str, *, collection: str = DEFAULT_COLLECTION) -> None:
         """Removes the user's row and, by the foreign key's cascade, every descriptor row of them."""
         with self._connection() as conn, conn.transaction():
             row = conn.execute(
-                "DELETE FROM face_users WHERE id = %s RETURNING collection, model_id", (user_id,)
+                "DELETE FROM face_users WHERE id = %s AND collection = %s RETURNING model_id, faces",
+                (user_id, collection),
             ).fetchone()
             if row is None:
+                self._check_collection(conn, collection)
                 raise UserNotFoundError(f"No user with id {user_id!r}", user_id=user_id)
-            self._change_count(conn, row[0], row[1], -1)
+            self._change_count(conn, collection, row[0], -1, -int(row[1]))
+
+    def create_collection(self, name: str) -> CollectionInfo:
+        checked_collection_name(name)
+        with self._connection() as conn:
+            row = conn.execute(
+                "INSERT INTO face_collections (name) VALUES (%s) ON CONFLICT (name) DO NOTHING RETURNING created_at",
+                (name,),
+            ).fetchone()
+        if row is None:
+            raise CollectionExistsError(f"The collection {name!r} exists already.", collection=name)
+        return CollectionInfo(name, 0, 0, row[0].astimezone(UTC))
+
+    def delete_collection(self, name: str, *, force: bool = False) -> int:
+        """One transaction: every user row of the collection (and by cascade every descriptor row), its counts
+        and the collection row itself. The collection's row lock keeps registrations into it out meanwhile."""
+        if name == DEFAULT_COLLECTION:
+            raise CollectionProtectedError(f"The {DEFAULT_COLLECTION!r} collection cannot be deleted.")
+        with self._connection() as conn, conn.transaction():
+            if conn.execute("SELECT 1 FROM face_collections WHERE name = %s FOR UPDATE", (name,)).fetchone() is None:
+                raise collection_not_found(name)
+            users = self._total(conn, name)
+            if users and not force:
+                raise CollectionNotEmptyError(
+                    f"The collection {name!r} holds {users} users; pass force=true to delete them with it.",
+                    collection=name,
+                    users=users,
+                )
+            conn.execute("DELETE FROM face_users WHERE collection = %s", (name,))
+            conn.execute("DELETE FROM face_gallery_counts WHERE collection = %s", (name,))
+            conn.execute("DELETE FROM face_collections WHERE name = %s", (name,))
+        return users
 
     def import_users(self, users: list[StoredUser]) -> int:
-        """One transaction per batch; ids already present are skipped, so a copy can be re-run."""
+        """One transaction per batch; ids already present are skipped, so a copy can be re-run. Collections the
+        users name are created."""
         checked: list[tuple[UserRecord, np.ndarray]] = []
         for user in users:
             faces = checked_embeddings(user.embeddings)
@@ -459,23 +565,28 @@ class PostgresFaceStore:
                 raise ValueError(f"user {record.id!r}: {record.faces} faces but {faces.shape[0]} descriptors")
             checked_text(record.id, "id", allow_empty=False)
             checked_text(record.name, "name", allow_empty=True)
+            checked_collection_name(record.collection)
             checked.append((record, faces))
         if not checked:
             return 0
-        collection = DEFAULT_COLLECTION
         with self._connection() as conn, conn.transaction():
             for model_id in dict.fromkeys(r.model_id for r, _ in checked):
                 dims = {f.shape[1] for r, f in checked if r.model_id == model_id}
                 if len(dims) > 1:
                     raise ModelMismatchError(f"Descriptors of model {model_id!r} have several dimensions: {dims}")
                 self._ensure_model(conn, model_id, dims.pop())
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO face_collections (name) VALUES (%s) ON CONFLICT (name) DO NOTHING",
+                    [(name,) for name in dict.fromkeys(r.collection for r, _ in checked)],
+                )
             inserted: set[str] = set()
             with conn.cursor() as cur:
                 cur.executemany(
                     "INSERT INTO face_users (id, collection, name, model_id, faces, created_at, updated_at) "
                     "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING RETURNING id",
                     [
-                        (r.id, collection, r.name.encode("utf-8"), r.model_id, r.faces, r.created_at, r.updated_at)
+                        (r.id, r.collection, r.name.encode("utf-8"), r.model_id, r.faces, r.created_at, r.updated_at)
                         for r, _ in checked
                     ],
                     returning=True,
@@ -486,9 +597,14 @@ class PostgresFaceStore:
                     if not cur.nextset():
                         break
             new = [(r, f) for r, f in checked if r.id in inserted]
-            self._insert_descriptors(conn, [(r.id, 0, collection, r.model_id, f) for r, f in new])
-            for model_id in dict.fromkeys(r.model_id for r, _ in new):
-                self._change_count(conn, collection, model_id, sum(r.model_id == model_id for r, _ in new))
+            self._insert_descriptors(conn, [(r.id, 0, r.collection, r.model_id, f) for r, f in new])
+            galleries: dict[tuple[str, str], list[int]] = {}
+            for r, _ in new:
+                counts = galleries.setdefault((r.collection, r.model_id), [0, 0])
+                counts[0] += 1
+                counts[1] += r.faces
+            for (collection, model_id), (added_users, added_faces) in galleries.items():
+                self._change_count(conn, collection, model_id, added_users, added_faces)
         return len(new)
 
     # --- bulk loading ----------------------------------------------------------------------------------
@@ -517,21 +633,35 @@ class PostgresFaceStore:
 
     # --- internals -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _get(conn: Any, user_id: str, *, for_update: bool = False) -> UserRecord:
+    @classmethod
+    def _get(cls, conn: Any, user_id: str, collection: str, *, for_update: bool = False) -> UserRecord:
+        """The user if they are in ``collection``; a user of another collection is as unknown as no user."""
         lock = " FOR UPDATE" if for_update else ""
-        row = conn.execute(f"SELECT {_USER_COLUMNS} FROM face_users WHERE id = %s{lock}", (user_id,)).fetchone()
+        row = conn.execute(
+            f"SELECT {_USER_COLUMNS} FROM face_users WHERE id = %s AND collection = %s{lock}", (user_id, collection)
+        ).fetchone()
         if row is None:
+            cls._check_collection(conn, collection)
             raise UserNotFoundError(f"No user with id {user_id!r}", user_id=user_id)
         return _record(row)
 
     @staticmethod
-    def _collection_of(conn: Any, user_id: str) -> str:
-        return conn.execute("SELECT collection FROM face_users WHERE id = %s", (user_id,)).fetchone()[0]
+    def _check_collection(conn: Any, collection: str, *, for_share: bool = False) -> None:
+        """``for_share``: lock the collection's row until the transaction ends, so that a concurrent
+        delete_collection cannot remove it under a registration (the foreign key would refuse it anyway)."""
+        lock = " FOR SHARE" if for_share else ""
+        if conn.execute(f"SELECT 1 FROM face_collections WHERE name = %s{lock}", (collection,)).fetchone() is None:
+            raise collection_not_found(collection)
 
     @staticmethod
-    def _total(conn: Any) -> int:
-        return int(conn.execute("SELECT coalesce(sum(users), 0) FROM face_gallery_counts").fetchone()[0])
+    def _total(conn: Any, collection: str | None = None) -> int:
+        if collection is None:
+            row = conn.execute("SELECT coalesce(sum(users), 0) FROM face_gallery_counts").fetchone()
+        else:
+            row = conn.execute(
+                "SELECT coalesce(sum(users), 0) FROM face_gallery_counts WHERE collection = %s", (collection,)
+            ).fetchone()
+        return int(row[0])
 
     @staticmethod
     def _lock_collection(conn: Any, collection: str) -> None:
@@ -540,17 +670,19 @@ class PostgresFaceStore:
         conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, collection))
 
     @staticmethod
-    def _change_count(conn: Any, collection: str, model_id: str, delta: int) -> None:
-        if delta < 0:  # the row exists: its users were counted when they were added
+    def _change_count(conn: Any, collection: str, model_id: str, users: int, faces: int) -> None:
+        if users < 0 or faces < 0:  # the row exists: what goes was counted when it came
             conn.execute(
-                "UPDATE face_gallery_counts SET users = users + %s WHERE collection = %s AND model_id = %s",
-                (delta, collection, model_id),
+                "UPDATE face_gallery_counts SET users = users + %s, faces = faces + %s "
+                "WHERE collection = %s AND model_id = %s",
+                (users, faces, collection, model_id),
             )
             return
         conn.execute(
-            "INSERT INTO face_gallery_counts (collection, model_id, users) VALUES (%s, %s, %s) "
-            "ON CONFLICT (collection, model_id) DO UPDATE SET users = face_gallery_counts.users + EXCLUDED.users",
-            (collection, model_id, delta),
+            "INSERT INTO face_gallery_counts (collection, model_id, users, faces) VALUES (%s, %s, %s, %s) "
+            "ON CONFLICT (collection, model_id) DO UPDATE SET users = face_gallery_counts.users + EXCLUDED.users, "
+            "faces = face_gallery_counts.faces + EXCLUDED.faces",
+            (collection, model_id, users, faces),
         )
 
     @staticmethod
@@ -625,11 +757,12 @@ class PostgresFaceStore:
 
         dim = self._model_dim(conn, model_id)
         row = conn.execute(
-            "SELECT users FROM face_gallery_counts WHERE collection = %s AND model_id = %s", (collection, model_id)
+            "SELECT users, faces FROM face_gallery_counts WHERE collection = %s AND model_id = %s",
+            (collection, model_id),
         ).fetchone()
-        users = 0 if row is None else int(row[0])
+        users, faces = (0, 0) if row is None else (int(row[0]), int(row[1]))
         if dim is None or users == 0 or top_k == 0:
-            return SearchResult(users, [[] for _ in probes])
+            return SearchResult(users, faces, [[] for _ in probes])
         if probes.shape[1] != dim:
             raise ModelMismatchError(
                 f"Descriptors of model {model_id!r} have {dim} dimensions in the store, got {probes.shape[1]}",
@@ -637,11 +770,13 @@ class PostgresFaceStore:
                 expected_dim=dim,
                 got_dim=int(probes.shape[1]),
             )
+        exclude = sql.SQL("AND user_id <> %(exclude)s") if exclude_user is not None else sql.SQL("")
+        if faces <= self._options.exact_search_max_faces:
+            return self._search_exactly(conn, model_id, collection, probes, top_k, exclude_user, users, faces)
         # set_config(..., true) is SET LOCAL: it lasts until this transaction ends, also on a pooled connection
         # and inside the transaction Citus or a pooler in transaction mode sends to one node.
         conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(self._options.ef_search),))
         conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
-        exclude = sql.SQL("AND user_id <> %(exclude)s") if exclude_user is not None else sql.SQL("")
         # The model and dimension are literals so that the planner matches the model's partial index.
         query = sql.SQL(
             """
@@ -679,14 +814,56 @@ class PostgresFaceStore:
                 params["candidates"] *= 4
                 rows = conn.execute(query, params).fetchall()
             matches.append([UserMatch(r[0], bytes(r[1]).decode("utf-8"), float(r[2])) for r in rows])
-        return SearchResult(users, matches)
+        return SearchResult(users, faces, matches)
+
+    @staticmethod
+    def _search_exactly(
+        conn: Any,
+        model_id: str,
+        collection: str,
+        probes: np.ndarray,
+        top_k: int,
+        exclude_user: str | None,
+        users: int,
+        faces: int,
+    ) -> SearchResult:
+        """Every face of the gallery scored in float32 (the btree on (collection, model_id) finds them)."""
+        from psycopg import sql
+
+        exclude = sql.SQL("AND d.user_id <> %(exclude)s") if exclude_user is not None else sql.SQL("")
+        query = sql.SQL(
+            """
+            SELECT d.user_id, u.name, max(-(d.embedding <#> %(probe)s)) AS cosine
+            FROM face_descriptors d JOIN face_users u ON u.id = d.user_id
+            WHERE d.model_id = %(model)s AND d.collection = %(collection)s {exclude}
+            GROUP BY d.user_id, u.name
+            ORDER BY cosine DESC, d.user_id
+            LIMIT %(top_k)s
+            """
+        ).format(exclude=exclude)
+        matches = []
+        for probe in probes:
+            params = {
+                "model": model_id,
+                "collection": collection,
+                "exclude": exclude_user,
+                "probe": probe,
+                "top_k": top_k,
+            }
+            rows = conn.execute(query, params).fetchall()
+            matches.append([UserMatch(r[0], bytes(r[1]).decode("utf-8"), float(r[2])) for r in rows])
+        return SearchResult(users, faces, matches)
 
 
-_USER_COLUMNS = "id, name, model_id, created_at, updated_at, faces"
+_USER_COLUMNS = "id, name, model_id, created_at, updated_at, faces, collection"
+_COLLECTIONS_QUERY = (
+    "SELECT c.name, coalesce(sum(g.users), 0), coalesce(sum(g.faces), 0), c.created_at "
+    "FROM face_collections c LEFT JOIN face_gallery_counts g ON g.collection = c.name"
+)
 
 
 def _record(row: tuple) -> UserRecord:
-    user_id, name, model_id, created_at, updated_at, faces = row
+    user_id, name, model_id, created_at, updated_at, faces, collection = row
     return UserRecord(
         id=user_id,
         name=bytes(name).decode("utf-8"),
@@ -694,6 +871,7 @@ def _record(row: tuple) -> UserRecord:
         created_at=created_at.astimezone(UTC),
         updated_at=updated_at.astimezone(UTC),
         faces=int(faces),
+        collection=collection,
     )
 
 

@@ -63,7 +63,7 @@ def created_user(response: httpx.Response, name: str, faces: int) -> dict[str, A
     assert response.status_code == 201, response.text
     body = response.json()
     user = body["user"]
-    assert set(user) == {"id", "name", "faces", "created_at", "updated_at"}
+    assert set(user) == {"id", "name", "faces", "collection", "created_at", "updated_at"}
     assert user["name"] == name and user["faces"] == faces
     assert isinstance(user["id"], str) and user["id"]
     return user

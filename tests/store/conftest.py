@@ -14,12 +14,16 @@ from __future__ import annotations
 import importlib.util
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from api.store import FaceStore
+from api.store.npz import NpzFaceStore
+from api.store.postgres import PostgresFaceStore
+from tests.store.helpers import BACKENDS, INDEX_ALWAYS, open_at
 from tools import local_postgres
 
 
@@ -94,3 +98,49 @@ def postgres_url(postgres_server: LocalPostgres, request: pytest.FixtureRequest)
         if not postgres_server.is_running():
             postgres_server.start()
         local_postgres.drop_database(postgres_server.uri, name)
+
+
+# --- the store under test, on each backend (tests/store/test_contract.py, test_collections.py) ----------
+
+
+@pytest.fixture(params=BACKENDS)
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the store under test lives: the ``.npz`` file, or the URL of a fresh database. The PostgreSQL
+    fixture is only requested for the ``postgres`` run, so the ``npz`` run needs no server."""
+    if request.param == "npz":
+        return str(tmp_path / "face_database.npz")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def reopen(location: str) -> Iterator[Callable[[], FaceStore]]:
+    """Opens another instance on the same location (another process or service node would); all are closed
+    at the end of the test."""
+    opened: list[FaceStore] = []
+
+    def new() -> FaceStore:
+        opened.append(open_at(location))
+        return opened[-1]
+
+    yield new
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(reopen: Callable[[], FaceStore]) -> FaceStore:
+    """The store under test: ``NpzFaceStore(tmp_path / "face_database.npz")`` or
+    ``PostgresFaceStore(postgres_url)``."""
+    return reopen()
+
+
+@pytest.fixture
+def other_store(location: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FaceStore]:
+    """An empty store of the *other* backend, for copies between backends in both directions."""
+    if "://" in location:
+        other: FaceStore = NpzFaceStore(tmp_path / "copy.npz")
+    else:
+        other = PostgresFaceStore(request.getfixturevalue("postgres_url"), INDEX_ALWAYS)
+    yield other
+    other.close()

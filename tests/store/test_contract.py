@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,80 +19,9 @@ import pytest
 
 from api.errors import ModelMismatchError, UserNotFoundError
 from api.store import FaceStore, SearchResult, StoredUser, UserRecord
-from api.store.npz import NpzFaceStore
-from api.store.postgres import PostgresFaceStore
-
-BACKENDS = ("npz", "postgres")
-# float32 inner products: numpy and pgvector sum in different orders.
-COSINE_TOLERANCE = 1e-5
-
-
-def open_at(location: str) -> FaceStore:
-    """A new store instance on ``location``: a PostgreSQL URL or an ``.npz`` path."""
-    if "://" in location:
-        return PostgresFaceStore(location)
-    return NpzFaceStore(Path(location))
-
-
-@pytest.fixture(params=BACKENDS)
-def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Where the store under test lives: the ``.npz`` file, or the URL of a fresh database. The PostgreSQL
-    fixture is only requested for the ``postgres`` run, so the ``npz`` run needs no server."""
-    if request.param == "npz":
-        return str(tmp_path / "face_database.npz")
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-def reopen(location: str) -> Iterator[Callable[[], FaceStore]]:
-    """Opens another instance on the same location (another process or service node would); all are closed
-    at the end of the test."""
-    opened: list[FaceStore] = []
-
-    def new() -> FaceStore:
-        opened.append(open_at(location))
-        return opened[-1]
-
-    yield new
-    for store in opened:
-        store.close()
-
-
-@pytest.fixture
-def store(reopen: Callable[[], FaceStore]) -> FaceStore:
-    """The store under test: ``NpzFaceStore(tmp_path / "face_database.npz")`` or
-    ``PostgresFaceStore(postgres_url)``."""
-    return reopen()
-
-
-@pytest.fixture
-def other_store(location: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FaceStore]:
-    """An empty store of the *other* backend, for copies between backends in both directions."""
-    if "://" in location:
-        other: FaceStore = NpzFaceStore(tmp_path / "copy.npz")
-    else:
-        other = PostgresFaceStore(request.getfixturevalue("postgres_url"))
-    yield other
-    other.close()
-
+from tests.store.helpers import COSINE_TOLERANCE, normalized, snapshot, unit
 
 # --- helpers --------------------------------------------------------------------------------------------
-
-
-def unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
-    """``n`` random unit vectors of dimension ``d``, float32."""
-    x = rng.standard_normal((n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def normalized(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def snapshot(store: FaceStore) -> list[tuple[UserRecord, bytes]]:
-    """Everything the store holds, comparable with ``==``: every record with its descriptors' bytes."""
-    return [(u.record, u.embeddings.astype(np.float32).tobytes()) for batch in store.export_users(7) for u in batch]
 
 
 def exact_search(
@@ -125,7 +53,7 @@ def test_empty_store(store: FaceStore) -> None:
     assert store.list_users() == ([], 0)
     assert store.list_users(5, 10) == ([], 0)
     empty = store.search("m", unit(np.random.default_rng(0), 2), top_k=5)
-    assert empty == SearchResult(users=0, matches=[[], []])
+    assert empty == SearchResult(users=0, faces=0, matches=[[], []])
     assert list(store.export_users(10)) == []
     assert store.import_users([]) == 0
     with pytest.raises(UserNotFoundError):
@@ -370,12 +298,12 @@ def test_search_scores_each_user_by_their_best_face(store: FaceStore) -> None:
     np.testing.assert_allclose([m.cosine for m in result.matches[0]], [0.9, 0.6, 0.2], atol=1e-3)
 
     assert [m.user_id for m in store.search("m", probe, top_k=2).matches[0]] == [near.id, mid.id]
-    assert store.search("m", probe, top_k=0) == SearchResult(users=3, matches=[[]])
+    assert store.search("m", probe, top_k=0) == SearchResult(users=3, faces=6, matches=[[]])
     excluded = store.search("m", probe, top_k=5, exclude_user=near.id)
     assert excluded.users == 3 and [m.user_id for m in excluded.matches[0]] == [mid.id, far.id]
     assert store.search("m-other", probe, top_k=5).users == 1
     assert store.search("m-other", probe, top_k=5, exclude_user=other.id).matches == [[]]
-    assert store.search("unknown model", probe, top_k=5) == SearchResult(users=0, matches=[[]])
+    assert store.search("unknown model", probe, top_k=5) == SearchResult(users=0, faces=0, matches=[[]])
 
     # Several probes at once: one list per probe, in probe order; a 1-D probe is one probe.
     both = store.search("m", np.stack([probe, normalized(np.array([0.6, 0, 0.8, 0]))]), top_k=1)
@@ -474,7 +402,7 @@ def test_guard_of_add_user_sees_the_search_of_the_new_faces(store: FaceStore) ->
     rng = np.random.default_rng(11)
     calls: list[SearchResult] = []
     first = store.add_user("first", unit(rng, 2), "m", guard=calls.append)
-    assert calls == [SearchResult(users=0, matches=[[], []])]  # nobody to compare with yet
+    assert calls == [SearchResult(users=0, faces=0, matches=[[], []])]  # nobody to compare with yet
     store.add_user("second", unit(rng, 1), "m")
 
     new_faces = normalized(store.embeddings_of(first.id) + 0.05 * rng.standard_normal((2, 16)))
@@ -497,7 +425,7 @@ def test_guard_of_add_user_sees_the_search_of_the_new_faces(store: FaceStore) ->
         raise error
 
     def refuse_new_model(found: SearchResult) -> None:
-        assert found == SearchResult(users=0, matches=[[]])
+        assert found == SearchResult(users=0, faces=0, matches=[[]])
         raise error
 
     with pytest.raises(Refused) as info:
@@ -544,7 +472,7 @@ def test_guard_of_add_faces_excludes_the_user_itself(store: FaceStore) -> None:
     alone = store.add_user("alone", unit(rng, 1, d=8), "m8")
     calls.clear()
     store.add_faces(alone.id, unit(rng, 1, d=8), "m8", guard=calls.append)
-    assert calls == [SearchResult(users=1, matches=[[]])]
+    assert calls == [SearchResult(users=1, faces=1, matches=[[]])]
 
 
 # --- copies between backends, persistence ---------------------------------------------------------------

@@ -23,7 +23,7 @@ import pytest
 
 from api.errors import ModelMismatchError, StoreCorruptError, StoreLockTimeoutError, UserNotFoundError
 from api.store import FaceStore, UserRecord
-from api.store.npz import FORMAT_VERSION, NpzFaceStore, _Entry, _serialize, _State
+from api.store.npz import NpzFaceStore, _Entry, _serialize, _State
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SUBPROCESS_ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONIOENCODING": "utf-8"}
@@ -97,7 +97,7 @@ def test_round_trip_through_a_new_instance(path: Path) -> None:
     # The file is an ordinary .npz that needs no pickle, with the documented arrays.
     with np.load(path, allow_pickle=False) as npz:
         assert sorted(npz.files) == ["emb_0", "emb_1", "format_version", "meta", "version"]
-        assert int(npz["format_version"]) == FORMAT_VERSION
+        assert int(npz["format_version"]) == 1  # only the default collection: written as version 1
         assert int(npz["version"]) == 5
         meta = json.loads(npz["meta"].tobytes().decode("utf-8"))
         assert [u["name"] for u in meta["users"]] == ["Alice", "Robert", "Carol"]

@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -74,17 +75,16 @@ def row_counts(url: str) -> dict[str, int]:
 # --- schema -----------------------------------------------------------------------------------------------
 
 
-def test_schema_is_created_on_first_use_with_version_1(postgres_url: str) -> None:
+def test_schema_is_created_on_first_use_at_the_current_version(postgres_url: str) -> None:
     """Constructing the store touches nothing (it connects lazily); the first call creates every table and
-    records schema version 1."""
+    records the current schema version."""
     store = PostgresFaceStore(postgres_url, FAST)
     try:
         assert query(postgres_url, "SELECT to_regclass('face_store_schema')") == [(None,)]
         assert store.count() == 0
         tables = {r[0] for r in query(postgres_url, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert set(TABLES) <= tables
-        assert SCHEMA_VERSION == 1
-        assert query(postgres_url, "SELECT version FROM face_store_schema") == [(1,)]
+        assert query(postgres_url, "SELECT version FROM face_store_schema") == [(SCHEMA_VERSION,)]
         user = store.add_user("a", unit(np.random.default_rng(0), 1), "m")
         assert store.get(user.id) == user
     finally:
@@ -92,13 +92,13 @@ def test_schema_is_created_on_first_use_with_version_1(postgres_url: str) -> Non
 
 
 def test_a_second_instance_does_not_migrate_again(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
-    """A second node on a migrated database finds version 1 and leaves the schema (and its data) alone."""
+    """A second node on a migrated database finds the current version and leaves the schema (and data) alone."""
     first = PostgresFaceStore(postgres_url, FAST)
     second = PostgresFaceStore(postgres_url, FAST)
     try:
         user = first.add_user("a", unit(np.random.default_rng(0), 1), "m")
         recorded = query(postgres_url, "SELECT version, migrated_at FROM face_store_schema")
-        assert [r[0] for r in recorded] == [1]
+        assert [r[0] for r in recorded] == [SCHEMA_VERSION]
         caplog.clear()
         with caplog.at_level("INFO", logger="api.store.postgres"):
             assert second.get(user.id) == user
@@ -389,7 +389,8 @@ def test_search_uses_the_hnsw_index(postgres_url: str) -> None:
     rebuild it."""
     rng = np.random.default_rng(4)
     users, faces_per_user, dim = 1700, 3, 64
-    store = PostgresFaceStore(postgres_url, FAST)
+    # Galleries this small are searched exactly by default; the index path is what this test is about.
+    store = PostgresFaceStore(postgres_url, replace(FAST, exact_search_max_faces=0))
     try:
         moment = datetime(2024, 1, 1, tzinfo=UTC)
         batch = [
