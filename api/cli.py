@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from api.errors import FaceServiceError
 
@@ -54,7 +55,9 @@ def _shown(location: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m api.cli", description="Face service command line.")
+    # `face-service ...` (the console script) or `python -m api.cli ...`: the same commands.
+    prog = "python -m api.cli" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+    parser = argparse.ArgumentParser(prog=prog, description="Face service command line.")
     commands = parser.add_subparsers(dest="command", required=True)
     store = commands.add_parser("store", help="work with face stores").add_subparsers(
         dest="store_command", required=True

@@ -1,6 +1,5 @@
 """All configuration in one settings class, read from the environment with the prefix ``FACE_``."""
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -88,8 +87,3 @@ class Settings(BaseSettings):
     )
     liveness_threshold: float = Field(0.5, ge=0.0, le=1.0)
     require_liveness: bool = False
-
-
-@lru_cache
-def get_settings() -> Settings:
-    return Settings()

@@ -1,19 +1,21 @@
-"""FastAPI dependencies, injected through ``Annotated`` aliases."""
+"""FastAPI dependencies, injected through ``Annotated`` aliases; tests replace them with
+``app.dependency_overrides``."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Query, Request, Security, UploadFile
+from fastapi import Depends, Form, Query, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
+from api.composition import Models
 from api.config import Settings
 from api.errors import FaceServiceError, ImageTooLargeError, ModelUnavailableError, TooManyFilesError
-from api.security import API_KEY_HEADER, AuditLog, Caller
-from api.services.analysis import EmotionAnalyzer, LivenessAnalyzer
+from api.security import API_KEY_HEADER, AuditLog, Authenticator, Caller, RateLimiter
+from api.services.analysis import AntiSpoofingAnalyzer, EmotionAnalyzer
 from api.services.inference import InferenceRunner
 from api.services.recognition import ImageUpload, RecognitionService
-from api.state import AppState, Models
+from api.state import AppState, ModelLoading
 from api.store import DEFAULT_COLLECTION, FaceStore
 from api.store.base import COLLECTION_NAME_PATTERN
 
@@ -31,6 +33,7 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 def get_settings(state: StateDep) -> Settings:
+    """The one settings dependency: the settings the app was built with."""
     return state.settings
 
 
@@ -42,12 +45,36 @@ def get_runner(state: StateDep) -> InferenceRunner:
     return state.runner
 
 
-def get_models(state: StateDep) -> Models:
-    if state.models is None:
-        if state.load_error:
-            raise ModelUnavailableError(f"The models failed to load: {state.load_error}")
+def get_authenticator(state: StateDep) -> Authenticator:
+    return state.authenticator
+
+
+def get_rate_limiter(state: StateDep) -> RateLimiter:
+    return state.rate_limiter
+
+
+def get_audit(state: StateDep) -> AuditLog:
+    return state.audit
+
+
+def get_loading(state: StateDep) -> ModelLoading:
+    return state.loading
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[FaceStore, Depends(get_store)]
+RunnerDep = Annotated[InferenceRunner, Depends(get_runner)]
+AuthenticatorDep = Annotated[Authenticator, Depends(get_authenticator)]
+AuditDep = Annotated[AuditLog, Depends(get_audit)]
+LoadingDep = Annotated[ModelLoading, Depends(get_loading)]
+
+
+def get_models(loading: LoadingDep) -> Models:
+    if loading.models is None:
+        if loading.error:
+            raise ModelUnavailableError(f"The models failed to load: {loading.error}")
         raise NotReadyError("The models are still loading; retry in a few seconds (see GET /health/ready).")
-    return state.models
+    return loading.models
 
 
 ModelsDep = Annotated[Models, Depends(get_models)]
@@ -57,38 +84,47 @@ def get_recognition(models: ModelsDep) -> RecognitionService:
     return models.recognition
 
 
-def get_emotion(state: StateDep, models: ModelsDep) -> EmotionAnalyzer:
+def get_emotion(models: ModelsDep) -> EmotionAnalyzer:
     if models.emotion is None:
-        raise ModelUnavailableError(state.unavailable.get("emotion", "Emotion analysis is not available."))
+        raise ModelUnavailableError(models.unavailable.get("emotion", "Emotion analysis is not available."))
     return models.emotion
 
 
-def get_liveness(state: StateDep, models: ModelsDep) -> LivenessAnalyzer:
-    if models.liveness is None:
-        raise ModelUnavailableError(state.unavailable.get("liveness", "Anti-spoofing is not available."))
-    return models.liveness
+def get_anti_spoofing(models: ModelsDep) -> AntiSpoofingAnalyzer:
+    if models.anti_spoofing is None:
+        raise ModelUnavailableError(models.unavailable.get("anti_spoofing", "Anti-spoofing is not available."))
+    return models.anti_spoofing
 
+
+RecognitionDep = Annotated[RecognitionService, Depends(get_recognition)]
+EmotionDep = Annotated[EmotionAnalyzer, Depends(get_emotion)]
+AntiSpoofingDep = Annotated[AntiSpoofingAnalyzer, Depends(get_anti_spoofing)]
 
 # auto_error=False: a missing key is answered by our own 401 in the error envelope, not FastAPI's 403.
 api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="API key (see README)")
 
 
-def get_caller(request: Request, state: StateDep, key: Annotated[str | None, Security(api_key_header)]) -> Caller:
-    caller = state.authenticator.identify(key, request.client.host if request.client else None)
-    state.rate_limiter.check(caller)
+def get_caller(
+    request: Request,
+    authenticator: AuthenticatorDep,
+    rate_limiter: Annotated[RateLimiter, Depends(get_rate_limiter)],
+    key: Annotated[str | None, Security(api_key_header)],
+) -> Caller:
+    caller = authenticator.identify(key, request.client.host if request.client else None)
+    rate_limiter.check(caller)
     return caller
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def require_client(state: StateDep, caller: CallerDep) -> Caller:
-    state.authenticator.authorise(caller, "client")
+def require_client(authenticator: AuthenticatorDep, caller: CallerDep) -> Caller:
+    authenticator.authorise(caller, "client")
     return caller
 
 
-def require_admin(state: StateDep, caller: CallerDep) -> Caller:
-    state.authenticator.authorise(caller, "admin")
+def require_admin(authenticator: AuthenticatorDep, caller: CallerDep) -> Caller:
+    authenticator.authorise(caller, "admin")
     return caller
 
 
@@ -97,7 +133,7 @@ AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
 def get_collection(
-    state: StateDep,
+    authenticator: AuthenticatorDep,
     caller: CallerDep,
     collection: Annotated[
         str,
@@ -108,24 +144,26 @@ def get_collection(
     ] = DEFAULT_COLLECTION,
 ) -> str:
     """The request's collection, if the caller's key may use it (403 otherwise); existence is the store's."""
-    state.authenticator.authorise_collection(caller, collection)
+    authenticator.authorise_collection(caller, collection)
     return collection
 
 
 CollectionDep = Annotated[str, Depends(get_collection)]
 
 
-def get_audit(state: StateDep) -> AuditLog:
-    return state.audit
+# The form field keeps its published name `liveness`; what it asks for is the anti-spoofing gate.
+SpoofCheckFlag = Annotated[
+    bool | None,
+    Form(
+        alias="liveness",
+        description="Reject photos and screen replays (422 SPOOF_DETECTED); default: FACE_REQUIRE_LIVENESS",
+    ),
+]
 
 
-AuditDep = Annotated[AuditLog, Depends(get_audit)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[FaceStore, Depends(get_store)]
-RunnerDep = Annotated[InferenceRunner, Depends(get_runner)]
-RecognitionDep = Annotated[RecognitionService, Depends(get_recognition)]
-EmotionDep = Annotated[EmotionAnalyzer, Depends(get_emotion)]
-LivenessDep = Annotated[LivenessAnalyzer, Depends(get_liveness)]
+def refuse_spoofs(settings: Settings, flag: bool | None) -> bool:
+    """Whether this request runs the anti-spoofing gate: its own ``liveness`` field, else the setting."""
+    return settings.require_liveness if flag is None else flag
 
 
 async def read_upload(upload: UploadFile, settings: Settings, position: int = 0) -> ImageUpload:

@@ -2,6 +2,8 @@
 
 from typing import Any
 
+from fastapi.responses import JSONResponse
+
 
 class FaceServiceError(Exception):
     """Base class: ``code`` is a stable machine-readable string, ``status`` the HTTP status it maps to."""
@@ -179,3 +181,11 @@ class RateLimitedError(FaceServiceError):
     def __init__(self, message: str, retry_after_s: int, **details: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **details)
         self.headers["Retry-After"] = str(retry_after_s)
+
+
+def error_response(status: int, code: str, message: str, details: dict | None = None) -> JSONResponse:
+    """The one error envelope: ``{"error": {"code", "message", "details"}}``."""
+    body: dict = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,15 +13,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import __version__
-from api.config import Settings, get_settings
-from api.errors import FaceServiceError, StoreUnavailableError
+from api.composition import load_models
+from api.config import Settings
+from api.errors import FaceServiceError, StoreUnavailableError, error_response
+from api.middleware import UploadLimitMiddleware
 from api.routers import analysis, collections, health, recognition, users
 from api.security import AuditLog, Authenticator, RateLimiter, check_startup_security
 from api.services.inference import InferenceRunner
-from api.state import AppState, load_models
+from api.state import AppState, ModelLoading
 from api.store import open_store
 
 logger = logging.getLogger("api")
@@ -35,25 +35,21 @@ Every error answers `{"error": {"code", "message", "details"}}` with a stable `c
 """
 
 
-def error_response(status: int, code: str, message: str, details: dict | None = None) -> JSONResponse:
-    body: dict = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return JSONResponse({"error": body}, status_code=status)
-
-
-async def _load_in_background(state: AppState) -> None:
+async def _load_in_background(settings: Settings, loading: ModelLoading) -> None:
     try:
-        state.models = await anyio.to_thread.run_sync(load_models, state)
-        state.ready_after_s = time.monotonic() - state.started_at
-        logger.info("Models loaded and warmed in %.1f s", state.ready_after_s)
+        loading.models = await anyio.to_thread.run_sync(load_models, settings)
+        loading.ready_after_s = time.monotonic() - loading.started_at
+        logger.info("Models loaded and warmed in %.1f s", loading.ready_after_s)
     except Exception as exc:  # keep serving /health with the reason rather than dying silently
-        state.load_error = f"{type(exc).__name__}: {exc}"
+        loading.error = f"{type(exc).__name__}: {exc}"
         logger.exception("Loading the models failed")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    """The app, built from ``settings`` (the environment when None). Nothing happens at import time: serve it
+    with ``uvicorn --factory api.main:create_app`` (or ``api.asgi:app``)."""
+    settings = settings or Settings()
+    configure_logging()  # a no-op when the server (or a test runner) configured logging already
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,7 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         app.state.face = state
         # Models load in the background so /health/live answers during the few seconds this takes.
-        loader = asyncio.create_task(_load_in_background(state))
+        loader = asyncio.create_task(_load_in_background(settings, state.loading))
         try:
             yield
         finally:
@@ -120,66 +116,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-class UploadLimitMiddleware:
-    """Refuses bodies larger than ``max_bytes`` with 413 while they stream in, before they are parsed.
-
-    A declared Content-Length over the limit is refused at once; a chunked body is counted as it arrives.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
-            return
-        received = 0
-        response_started = refused = False
-
-        async def counting_receive() -> Message:
-            nonlocal received, refused
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    # Answer now: the framework turns errors raised while parsing into a 400 of its own,
-                    # which tracking_send then drops.
-                    if not response_started and not refused:
-                        refused = True
-                        await self._refuse(send)
-                    raise _BodyTooLarge
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal response_started
-            if refused:
-                return
-            response_started = response_started or message["type"] == "http.response.start"
-            await send(message)
-
-        with contextlib.suppress(_BodyTooLarge):
-            await self.app(scope, counting_receive, tracking_send)
-
-    async def _refuse(self, send: Send) -> None:
-        response = error_response(
-            413, "PAYLOAD_TOO_LARGE", f"The request body exceeds {self.max_bytes} bytes.", {"limit": self.max_bytes}
-        )
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """Plain log lines for a server run; importing this module configures nothing."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-_configure_logging()
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    """``api.main:app`` for servers that want a module-level app (``uvicorn api.main:app``, gunicorn): built
+    from the environment on first access, not at import (PEP 562), so importing this module has no side
+    effects. ``uvicorn --factory api.main:create_app`` is the same without the module attribute."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    configure_logging()
+    app = globals()["app"] = create_app()
+    return app

@@ -115,7 +115,7 @@ def _wait_ready(client, timeout_s: float = READY_TIMEOUT_S) -> None:
         if response.status_code == 200:
             return
         if response.json().get("status") == "failed":
-            pytest.fail(f"the models failed to load: {client.app.state.face.load_error}")
+            pytest.fail("the models failed to load (see the log above)")
         if time.monotonic() > deadline:
             pytest.fail(f"the models were not ready after {timeout_s:.0f} s")
         time.sleep(0.2)
@@ -155,7 +155,21 @@ def response_log() -> ResponseLog:
 
 
 @pytest.fixture(scope="session")
-def app_client(tmp_path_factory: pytest.TempPathFactory, keras_model_path: Path, response_log: ResponseLog):
+def app_settings(tmp_path_factory: pytest.TempPathFactory, keras_model_path: Path):
+    """The settings of the session's app (``app_client``)."""
+    from api.config import Settings
+
+    return Settings(
+        store_path=tmp_path_factory.mktemp("store") / "face_database.npz",
+        embedding_model_path=keras_model_path,
+        # The suite sends far more requests than a real client; the limiter has tests of its own.
+        rate_limit="100000/minute",
+        audit_log_path=tmp_path_factory.mktemp("audit") / "audit.log",
+    )
+
+
+@pytest.fixture(scope="session")
+def app_client(app_settings, response_log: ResponseLog):
     """A TestClient of ``create_app`` with the models loaded (once for the whole session).
 
     Prefer the function-scoped ``client``: it gives each test an empty store and checks that no response
@@ -163,35 +177,59 @@ def app_client(tmp_path_factory: pytest.TempPathFactory, keras_model_path: Path,
     """
     from fastapi.testclient import TestClient
 
-    from api.config import Settings
     from api.main import create_app
 
-    settings = Settings(
-        store_path=tmp_path_factory.mktemp("store") / "face_database.npz",
-        embedding_model_path=keras_model_path,
-        # The suite sends far more requests than a real client; the limiter has tests of its own.
-        rate_limit="100000/minute",
-        audit_log_path=tmp_path_factory.mktemp("audit") / "audit.log",
-    )
-    with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
+    with TestClient(create_app(app_settings), client=("127.0.0.1", 50000)) as client:
         _wait_ready(client)
         client.event_hooks["response"].append(response_log)
         yield client
 
 
+class Overrides:
+    """``overrides[dependency] = value``: the app answers with ``value`` for that dependency (FastAPI's
+    ``dependency_overrides``) until the end of the test."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.saved = dict(app.dependency_overrides)
+
+    def __setitem__(self, dependency: Callable, value: object) -> None:
+        self.app.dependency_overrides[dependency] = lambda: value
+
+    def __delitem__(self, dependency: Callable) -> None:
+        self.app.dependency_overrides.pop(dependency, None)
+
+    def restore(self) -> None:
+        self.app.dependency_overrides.clear()
+        self.app.dependency_overrides.update(self.saved)
+
+
 @pytest.fixture
-def client(app_client, response_log: ResponseLog, tmp_path: Path):
-    """The session client on an empty store of its own (the app state is the store's only holder)."""
+def overrides(app_client):
+    replaced = Overrides(app_client.app)
+    try:
+        yield replaced
+    finally:
+        replaced.restore()
+
+
+@pytest.fixture
+def client_store(tmp_path: Path, app_settings):
+    """The empty store that ``client`` serves for this test."""
     from api.store.npz import NpzFaceStore
 
-    state = app_client.app.state.face
-    saved = state.store
-    state.store = NpzFaceStore(tmp_path / "face_database.npz", lock_timeout_s=state.settings.store_lock_timeout_s)
+    return NpzFaceStore(tmp_path / "face_database.npz", lock_timeout_s=app_settings.store_lock_timeout_s)
+
+
+@pytest.fixture
+def client(app_client, overrides: Overrides, client_store, response_log: ResponseLog):
+    """The session client on an empty store of its own (``client_store``); checks after the test that no
+    response was a 500 or carried a traceback."""
+    from api.deps import get_store
+
+    overrides[get_store] = client_store
     response_log.responses.clear()
-    try:
-        yield app_client
-    finally:
-        state.store = saved
+    yield app_client
     problems = response_log.problems()
     response_log.responses.clear()
     assert not problems, "responses that must never happen:\n" + "\n".join(problems)
@@ -232,7 +270,8 @@ def two_faces_jpeg(astronaut: np.ndarray) -> bytes:
 
 
 class LiveServer:
-    """A ``uvicorn api.main:app`` process; its log (access lines carry the worker's pid first) in ``log_path``."""
+    """A ``uvicorn --factory api.main:create_app`` process; its log (access lines carry the worker's pid first)
+    in ``log_path``."""
 
     def __init__(self, process, url: str, log_path: Path) -> None:
         self.process = process
@@ -321,7 +360,17 @@ def live_server(tmp_path: Path, keras_model_path: Path):
             "FACE_RATE_LIMIT": "100000/minute",
             **env,
         }
-        command = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         command += ["--workers", str(workers), "--log-config", str(log_config)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(

@@ -111,17 +111,14 @@ def without_lifespan(app: Any) -> Any:
 
 
 @pytest.fixture
-def fuzz_client(client: TestClient, tmp_path: Path) -> Iterator[TestClient]:
+def fuzz_client(client: TestClient, overrides: Any, tmp_path: Path) -> TestClient:
     """The session client on an empty store, with one admin key, no practical rate limit, a scratch audit log."""
-    state = client.app.state.face
-    saved = state.authenticator, state.rate_limiter, state.audit
-    state.authenticator = Authenticator([ApiKeyEntry(name="fuzz", scope="admin", sha256=hash_key(FUZZ_KEY))])
-    state.rate_limiter = RateLimiter("1000000/minute")
-    state.audit = AuditLog(tmp_path / "fuzz-audit.log")
-    try:
-        yield client
-    finally:
-        state.authenticator, state.rate_limiter, state.audit = saved
+    from api.deps import get_audit, get_authenticator, get_rate_limiter
+
+    overrides[get_authenticator] = Authenticator([ApiKeyEntry(name="fuzz", scope="admin", sha256=hash_key(FUZZ_KEY))])
+    overrides[get_rate_limiter] = RateLimiter("1000000/minute")
+    overrides[get_audit] = AuditLog(tmp_path / "fuzz-audit.log")
+    return client
 
 
 @pytest.fixture

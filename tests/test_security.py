@@ -23,7 +23,6 @@ import re
 import secrets
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -35,8 +34,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.config import ApiKeyEntry, Settings
+from api.deps import get_audit, get_authenticator, get_rate_limiter
 from api.main import create_app
 from api.security import API_KEY_HEADER, AuditLog, Authenticator, RateLimiter, check_startup_security, hash_key
+from api.store.npz import NpzFaceStore
 
 REPO = Path(__file__).resolve().parents[1]
 JPEG = "image/jpeg"
@@ -58,33 +59,26 @@ KEYS = [entry("ops", "admin", ADMIN_KEY), entry("kiosk", "client", CLIENT_KEY), 
 class Secured:
     client: TestClient
     audit_path: Path
-
-    @property
-    def state(self) -> Any:
-        return self.client.app.state.face
+    store: NpzFaceStore
+    overrides: Any
 
     def use(self, keys: list[ApiKeyEntry] | None = None, rate: str | None = None) -> None:
         if keys is not None:
-            self.state.authenticator = Authenticator(keys)
+            self.overrides[get_authenticator] = Authenticator(keys)
         if rate is not None:
-            self.state.rate_limiter = RateLimiter(rate)
+            self.overrides[get_rate_limiter] = RateLimiter(rate)
 
 
 @pytest.fixture
-def secured(client: TestClient, tmp_path: Path) -> Iterator[Secured]:
+def secured(client: TestClient, client_store: NpzFaceStore, overrides: Any, tmp_path: Path) -> Secured:
     """The session client on an empty store, with API keys configured, a fresh limiter and audit log."""
-    state = client.app.state.face
-    saved = state.authenticator, state.rate_limiter, state.audit
     audit_dir = tmp_path / "audit"  # apart from the store's folder, which the durability test reads
     audit_dir.mkdir()
     audit_path = audit_dir / "audit.log"
-    state.authenticator = Authenticator(KEYS)
-    state.rate_limiter = RateLimiter("100000/minute")
-    state.audit = AuditLog(audit_path)
-    try:
-        yield Secured(client, audit_path)
-    finally:
-        state.authenticator, state.rate_limiter, state.audit = saved
+    overrides[get_audit] = AuditLog(audit_path)
+    secured = Secured(client, audit_path, client_store, overrides)
+    secured.use(keys=KEYS, rate="100000/minute")
+    return secured
 
 
 def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
@@ -236,7 +230,7 @@ def test_keys_cli_prints_a_working_key_and_entry(secured: Secured, monkeypatch: 
     assert len(new_key) >= 32 and new_key not in lines[1]
 
     monkeypatch.setenv("FACE_API_KEYS", json.dumps([new_entry]))
-    secured.state.authenticator = Authenticator(Settings().api_keys)
+    secured.use(keys=Settings().api_keys)
     assert secured.client.get("/api/users", headers=key(new_key)).status_code == 200
     error_of(secured.client.get("/api/users", headers=key(new_key[:-1])), 401, "UNAUTHORIZED")
 
@@ -346,7 +340,7 @@ def test_audit_log_records_who_what_when_and_which_user_but_no_biometrics(
     )
     assert added.status_code == 200, added.text
     assert client.patch(f"/api/users/{user_id}", json={"name": "Renamed"}, headers=key(ADMIN_KEY)).status_code == 200
-    embeddings = secured.state.store.embeddings_of(user_id)
+    embeddings = secured.store.embeddings_of(user_id)
     assert client.delete(f"/api/users/{user_id}", headers=key(ADMIN_KEY)).status_code == 204
     # Refused or read-only requests leave no entry.
     assert send(client, ADMIN_ENDPOINTS["delete"], CLIENT_KEY).status_code == 403
@@ -407,7 +401,7 @@ def test_deleted_user_leaves_no_trace_in_the_store_file(
     assert kept.status_code == 201, kept.text
     kept_id = kept.json()["user"]["id"]
 
-    store = secured.state.store
+    store = secured.store
     doomed_rows = store.embeddings_of(doomed_id)
     kept_rows = store.embeddings_of(kept_id)
     assert doomed_rows.shape[0] == 2
@@ -444,7 +438,7 @@ def test_logs_and_errors_never_carry_keys_images_or_descriptors(
         responses.append(register(client, "Logged Person", astronaut_jpeg))
         assert responses[-1].status_code == 201, responses[-1].text
         user_id = responses[-1].json()["user"]["id"]
-        embeddings = secured.state.store.embeddings_of(user_id)
+        embeddings = secured.store.embeddings_of(user_id)
         responses.append(
             client.post("/api/verify", files={"file": ("p.jpg", astronaut_jpeg, JPEG)}, headers=key(CLIENT_KEY))
         )

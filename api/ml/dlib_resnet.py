@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from api.ml.registry import DLIB_RESNET
+
 CHIP_SIZE = 150
 DESCRIPTOR_SIZE = 128
-MODEL_ID = "dlib-resnet-v1"
+MODEL_ID = DLIB_RESNET.id
 
 
 def default_weights_path() -> Path:

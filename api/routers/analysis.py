@@ -1,12 +1,12 @@
-"""Emotion of every face, and liveness (anti-spoofing) of every face."""
+"""Emotion of every face, and anti-spoofing (live face or photo / screen replay) of every face."""
 
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from api.deps import ClientDep, EmotionDep, LivenessDep, RunnerDep, SettingsDep, read_upload
+from api.deps import AntiSpoofingDep, ClientDep, EmotionDep, RunnerDep, SettingsDep, read_upload
 from api.routers._convert import box_of
-from api.schemas.analysis import AntiSpoofResult, EmotionResult, EmotionScores, FaceEmotion, FaceLiveness
+from api.schemas.analysis import AntiSpoofResult, EmotionResult, EmotionScores, FaceEmotion, FaceSpoofScore
 from api.schemas.common import error_responses
 
 router = APIRouter(prefix="/api", tags=["analysis"])
@@ -47,9 +47,13 @@ async def emotion(
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def anti_spoof(
-    _: ClientDep, analyzer: LivenessDep, runner: RunnerDep, settings: SettingsDep, file: Annotated[UploadFile, File()]
+    _: ClientDep,
+    analyzer: AntiSpoofingDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File()],
 ) -> AntiSpoofResult:
     upload = await read_upload(file, settings)
     outcomes = await runner.run(analyzer.analyze, upload.data)
-    faces = [FaceLiveness(box=box_of(o.face), is_real=o.is_real, real_score=round(o.real_score, 6)) for o in outcomes]
+    faces = [FaceSpoofScore(box=box_of(o.face), is_real=o.is_real, real_score=round(o.real_score, 6)) for o in outcomes]
     return AntiSpoofResult(is_real=faces[0].is_real, faces=faces)

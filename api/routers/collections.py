@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from api.deps import AdminDep, AuditDep, RunnerDep, StateDep, StoreDep
+from api.deps import AdminDep, AuditDep, AuthenticatorDep, RunnerDep, StoreDep
 from api.schemas.collections import Collection, CollectionCreate, CollectionDeleted
 from api.schemas.common import error_responses
 from api.store import CollectionInfo
@@ -33,9 +33,14 @@ async def list_collections(caller: AdminDep, store: StoreDep, runner: RunnerDep)
     responses=error_responses(401, 403, 409, 422, 429),
 )
 async def create_collection(
-    caller: AdminDep, state: StateDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, body: CollectionCreate
+    caller: AdminDep,
+    authenticator: AuthenticatorDep,
+    audit: AuditDep,
+    store: StoreDep,
+    runner: RunnerDep,
+    body: CollectionCreate,
 ) -> Collection:
-    state.authenticator.authorise_collection(caller, body.name)
+    authenticator.authorise_collection(caller, body.name)
     info = await runner.run(store.create_collection, body.name)
     audit.record(caller, "create_collection", None, collection=body.name)
     return collection_of(info)
@@ -45,9 +50,9 @@ async def create_collection(
     "/{name}", response_model=Collection, summary="One collection", responses=error_responses(401, 403, 404, 429)
 )
 async def get_collection(
-    caller: AdminDep, state: StateDep, store: StoreDep, runner: RunnerDep, name: CollectionName
+    caller: AdminDep, authenticator: AuthenticatorDep, store: StoreDep, runner: RunnerDep, name: CollectionName
 ) -> Collection:
-    state.authenticator.authorise_collection(caller, name)
+    authenticator.authorise_collection(caller, name)
     return collection_of(await runner.run(store.get_collection, name))
 
 
@@ -61,14 +66,14 @@ async def get_collection(
 )
 async def delete_collection(
     caller: AdminDep,
-    state: StateDep,
+    authenticator: AuthenticatorDep,
     audit: AuditDep,
     store: StoreDep,
     runner: RunnerDep,
     name: CollectionName,
     force: Annotated[bool, Query(description="Delete the collection's users with it")] = False,
 ) -> CollectionDeleted:
-    state.authenticator.authorise_collection(caller, name)
+    authenticator.authorise_collection(caller, name)
     deleted = await runner.run(store.delete_collection, name, force=force)
     audit.record(caller, "delete_collection", None, collection=name, users_deleted=deleted)
     return CollectionDeleted(name=name, users_deleted=deleted)

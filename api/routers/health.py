@@ -1,11 +1,11 @@
-"""Service status, liveness and readiness probes."""
+"""Service status and the two probes: liveness (the process answers) and readiness (it can serve)."""
 
 import anyio.to_thread
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api import __version__
-from api.deps import StateDep
+from api.deps import LoadingDep, StoreDep
 from api.errors import FaceServiceError
 from api.schemas.health import Probe, ServiceStatus
 
@@ -13,14 +13,14 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/", response_model=ServiceStatus, summary="Status, version, readiness, users, store and models")
-async def root(state: StateDep) -> ServiceStatus:
+async def status(loading: LoadingDep, store: StoreDep) -> ServiceStatus:
     try:
-        users: int | None = await anyio.to_thread.run_sync(state.store.count)
+        users: int | None = await anyio.to_thread.run_sync(store.count)
     except FaceServiceError:  # the database is away: say so through `ready`, not a 503 of the status page
         users = None
-    names = state.models.names if state.models is not None else {}
+    names = loading.models.names if loading.models is not None else {}
     return ServiceStatus(
-        status="ok", version=__version__, ready=state.ready, users=users, store=state.store.backend, models=names
+        status="ok", version=__version__, ready=loading.ready, users=users, store=store.backend, models=names
     )
 
 
@@ -28,9 +28,9 @@ async def root(state: StateDep) -> ServiceStatus:
     "/health/live",
     response_model=Probe,
     response_model_exclude_none=True,
-    summary="The process answers (never touches the models)",
+    summary="Liveness probe: the process answers (never touches the models or the store)",
 )
-async def live() -> Probe:
+async def liveness_probe() -> Probe:
     return Probe(status="ok")
 
 
@@ -38,14 +38,14 @@ async def live() -> Probe:
     "/health/ready",
     response_model=Probe,
     response_model_exclude_none=True,
-    summary="Models loaded and warmed, and the store reachable",
+    summary="Readiness probe: models loaded and warmed, and the store reachable",
     responses={503: {"model": Probe, "description": "Still loading, loading failed, or the store is unavailable"}},
 )
-async def ready(state: StateDep) -> Probe | JSONResponse:
-    if not state.ready:
-        return JSONResponse({"status": "failed" if state.load_error else "loading"}, status_code=503)
+async def readiness_probe(loading: LoadingDep, store: StoreDep) -> Probe | JSONResponse:
+    if not loading.ready:
+        return JSONResponse({"status": "failed" if loading.error else "loading"}, status_code=503)
     try:
-        await anyio.to_thread.run_sync(state.store.check)
+        await anyio.to_thread.run_sync(store.check)
     except FaceServiceError as exc:
         return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
     return Probe(status="ok")

@@ -12,9 +12,11 @@ from api.deps import (
     RecognitionDep,
     RunnerDep,
     SettingsDep,
+    SpoofCheckFlag,
     StoreDep,
     read_upload,
     read_uploads,
+    refuse_spoofs,
 )
 from api.routers._convert import face_box, register_result
 from api.schemas.common import error_responses
@@ -23,10 +25,6 @@ from api.schemas.users import RegisterResult
 
 router = APIRouter(prefix="/api", tags=["recognition"])
 
-LivenessFlag = Annotated[
-    bool | None,
-    Form(description="Reject photos and screen replays (422 SPOOF_DETECTED); default: FACE_REQUIRE_LIVENESS"),
-]
 ThresholdField = Annotated[
     float | None, Form(ge=0.0, le=1.0, description="Similarity threshold in [0, 1]; default: calibrated value")
 ]
@@ -54,11 +52,12 @@ async def register(
     name: Annotated[str, Form(min_length=1, max_length=200, examples=["Ada Lovelace"])],
     files: Annotated[list[UploadFile], File(description="One or more face photos (repeat the field)")],
     allow_duplicate: Annotated[bool, Form()] = False,
-    liveness: LivenessFlag = None,
+    spoof_check: SpoofCheckFlag = None,
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
-    check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.register, store, name, uploads, allow_duplicate, check, collection)
+    outcome = await runner.run(
+        recognition.register, store, name, uploads, allow_duplicate, refuse_spoofs(settings, spoof_check), collection
+    )
     audit.record(caller, "register", outcome.user.id, collection=collection, faces=outcome.user.faces)
     return register_result(outcome)
 
@@ -83,11 +82,12 @@ async def verify(
     file: Annotated[UploadFile, File(description="A photo with the face to identify")],
     threshold: ThresholdField = None,
     top_k: Annotated[int, Form(ge=1, le=100, description="How many candidates to list")] = 5,
-    liveness: LivenessFlag = None,
+    spoof_check: SpoofCheckFlag = None,
 ) -> VerifyResult:
     upload = await read_upload(file, settings)
-    check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.verify, store, upload, threshold, top_k, check, collection)
+    outcome = await runner.run(
+        recognition.verify, store, upload, threshold, top_k, refuse_spoofs(settings, spoof_check), collection
+    )
     best = outcome.best
     return VerifyResult(
         verified=outcome.verified,
@@ -117,11 +117,10 @@ async def compare(
     image1: Annotated[UploadFile, File()],
     image2: Annotated[UploadFile, File()],
     threshold: ThresholdField = None,
-    liveness: LivenessFlag = None,
+    spoof_check: SpoofCheckFlag = None,
 ) -> CompareResult:
     first, second = await read_upload(image1, settings, 1), await read_upload(image2, settings, 2)
-    check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.compare, first, second, threshold, check)
+    outcome = await runner.run(recognition.compare, first, second, threshold, refuse_spoofs(settings, spoof_check))
     return CompareResult(
         verified=outcome.verified,
         similarity=round(outcome.similarity, 6),

@@ -12,8 +12,10 @@ from api.deps import (
     RecognitionDep,
     RunnerDep,
     SettingsDep,
+    SpoofCheckFlag,
     StoreDep,
     read_uploads,
+    refuse_spoofs,
 )
 from api.routers._convert import register_result, user_of
 from api.schemas.common import error_responses
@@ -88,10 +90,17 @@ async def add_faces(
     user_id: UserId,
     files: Annotated[list[UploadFile], File(description="One or more face photos of this user")],
     allow_duplicate: Annotated[bool, Form()] = False,
-    liveness: Annotated[bool | None, Form()] = None,
+    spoof_check: SpoofCheckFlag = None,
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
-    check = settings.require_liveness if liveness is None else liveness
-    outcome = await runner.run(recognition.add_faces, store, user_id, uploads, allow_duplicate, check, collection)
+    outcome = await runner.run(
+        recognition.add_faces,
+        store,
+        user_id,
+        uploads,
+        allow_duplicate,
+        refuse_spoofs(settings, spoof_check),
+        collection,
+    )
     audit.record(caller, "add_faces", user_id, collection=collection, faces=outcome.user.faces)
     return register_result(outcome)

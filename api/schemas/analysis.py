@@ -23,7 +23,7 @@ class EmotionResult(BaseModel):
     faces: list[FaceEmotion] = Field(description="Every face found, largest first")
 
 
-class FaceLiveness(BaseModel):
+class FaceSpoofScore(BaseModel):
     box: list[int]
     is_real: bool
     real_score: float = Field(ge=0.0, le=1.0, description="Probability that the face is live (bona fide)")
@@ -31,4 +31,4 @@ class FaceLiveness(BaseModel):
 
 class AntiSpoofResult(BaseModel):
     is_real: bool = Field(description="The largest face's verdict")
-    faces: list[FaceLiveness]
+    faces: list[FaceSpoofScore]

@@ -1,4 +1,4 @@
-"""Per-face analyses of a whole photo: emotion of every face, liveness of every face."""
+"""Per-face analyses of a whole photo: emotion of every face, anti-spoofing of every face."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from api.errors import NoFaceError
+from api.services.anti_spoofing import MiniFASNetAntiSpoofing
 from api.services.detection import DetectedFace
 from api.services.emotion import EMOTION_LABELS, EmotionClassifier, crop_face_for_emotion
 from api.services.engine import FaceEngine
 from api.services.imaging import decode_image
-from api.services.liveness import MiniFASNetLiveness
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class FaceEmotionOutcome:
 
 
 @dataclass(frozen=True)
-class FaceLivenessOutcome:
+class FaceSpoofOutcome:
     face: DetectedFace
     real_score: float
     is_real: bool
@@ -55,17 +55,16 @@ class EmotionAnalyzer:
         ]
 
 
-class LivenessAnalyzer:
-    def __init__(self, engine: FaceEngine, model: MiniFASNetLiveness, threshold: float, max_pixels: int) -> None:
+class AntiSpoofingAnalyzer:
+    def __init__(self, engine: FaceEngine, model: MiniFASNetAntiSpoofing, threshold: float, max_pixels: int) -> None:
         self.engine = engine
         self.model = model
         self.threshold = threshold
         self.max_pixels = max_pixels
 
-    def analyze(self, data: bytes) -> list[FaceLivenessOutcome]:
+    def analyze(self, data: bytes) -> list[FaceSpoofOutcome]:
         image, faces = _faces_of(self.engine, data, self.max_pixels, all_faces=True)
         scores = self.model.real_scores(image, [f.box for f in faces])
         return [
-            FaceLivenessOutcome(face, float(s), bool(s >= self.threshold))
-            for face, s in zip(faces, scores, strict=True)
+            FaceSpoofOutcome(face, float(s), bool(s >= self.threshold)) for face, s in zip(faces, scores, strict=True)
         ]

@@ -10,6 +10,8 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from api.ml.registry import YUNET
+
 # Landmark order used everywhere in the project (image left to right, as YuNet emits them):
 # eye on the image's left, eye on the image's right, nose tip, mouth corner left, mouth corner right.
 LANDMARK_NAMES = ("eye_left", "eye_right", "nose", "mouth_left", "mouth_right")
@@ -62,7 +64,7 @@ class YuNetDetector:
     because YuNet returns integer landmark coordinates, which on a 60 px face is a coarse grid.
     """
 
-    name = "yunet"
+    name = YUNET.id
 
     def __init__(
         self,

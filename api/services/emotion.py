@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from api.errors import ModelUnavailableError
+from api.ml.registry import EMOTION_CNN
 
 EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FACE_SIZE = 48
@@ -149,7 +150,7 @@ class KerasEmotionClassifier:
     machine (4.5 vs 4.8 ms per face) but about a third when the cores are shared.
     """
 
-    name = "ours"
+    name = EMOTION_CNN.id
 
     def __init__(self, path: Path | str, precision: str = "float32", tta: str = "flip") -> None:
         _check_tta_mode(tta)  # before the model loads, not when the first trace fails

@@ -19,10 +19,10 @@ from api.errors import (
     NoFaceError,
     SpoofDetectedError,
 )
+from api.services.anti_spoofing import MiniFASNetAntiSpoofing
 from api.services.detection import DetectedFace
 from api.services.engine import FaceEngine, FaceSelection
 from api.services.imaging import decode_image
-from api.services.liveness import MiniFASNetLiveness
 from api.services.matching import Calibration, distance_from_similarity, similarity_from_cosine
 from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, UserMatch, UserRecord
 
@@ -90,12 +90,12 @@ class RecognitionService:
         engine: FaceEngine,
         calibration: Calibration,
         settings: Settings,
-        liveness: MiniFASNetLiveness | None = None,
+        anti_spoofing: MiniFASNetAntiSpoofing | None = None,
     ) -> None:
         self.engine = engine
         self.calibration = calibration
         self.settings = settings
-        self.liveness = liveness
+        self.anti_spoofing = anti_spoofing
         if calibration.model_id != engine.model_id:
             logger.warning(
                 "Thresholds were calibrated for %s but the embedder is %s: set FACE_COMPARE_THRESHOLD and "
@@ -123,20 +123,21 @@ class RecognitionService:
         return configured if configured is not None else self.calibration.identify_threshold(comparisons)
 
     # --- shared steps -----------------------------------------------------------------------------------
-    def find_face(self, upload: ImageUpload, selection: FaceSelection, liveness: bool) -> FoundFace:
+    def find_face(self, upload: ImageUpload, selection: FaceSelection, refuse_spoofs: bool) -> FoundFace:
         image = decode_image(upload.data, self.settings.max_image_pixels)
         face = self.engine.select_face(image, self.engine.detect(image), selection)
-        if liveness:
-            self.check_liveness(image, face)
+        if refuse_spoofs:
+            self.refuse_spoof(image, face)
         return FoundFace(upload, image, face)
 
-    def check_liveness(self, image: np.ndarray, face: DetectedFace) -> None:
-        if self.liveness is None:
+    def refuse_spoof(self, image: np.ndarray, face: DetectedFace) -> None:
+        """The anti-spoofing gate of ``liveness=true``: a photo or screen replay raises SPOOF_DETECTED."""
+        if self.anti_spoofing is None:
             raise ModelUnavailableError(
                 "Liveness was requested but the anti-spoofing models are not loaded; run `make models` "
                 "(python -m tools.fetch_models) with network access or FACE_MODELS_MIRROR set."
             )
-        score = float(self.liveness.real_scores(image, [face.box])[0])
+        score = float(self.anti_spoofing.real_scores(image, [face.box])[0])
         if score < self.settings.liveness_threshold:
             raise SpoofDetectedError(
                 "The face looks like a photo or screen replay, not a live person.",
@@ -149,12 +150,12 @@ class RecognitionService:
         return self.engine.embed_chips(chips)
 
     def _collect(
-        self, uploads: list[ImageUpload], liveness: bool
+        self, uploads: list[ImageUpload], refuse_spoofs: bool
     ) -> tuple[list[FoundFace], list[tuple[str, FaceServiceError]]]:
         found, rejected = [], []
         for upload in uploads:
             try:
-                found.append(self.find_face(upload, "single", liveness))
+                found.append(self.find_face(upload, "single", refuse_spoofs))
             except SpoofDetectedError as exc:
                 exc.details["file"] = upload.filename
                 raise  # a spoof in a registration stops it whole: nothing from it is stored
@@ -212,11 +213,11 @@ class RecognitionService:
         name: str,
         uploads: list[ImageUpload],
         allow_duplicate: bool,
-        liveness: bool,
+        refuse_spoofs: bool,
         collection: str = DEFAULT_COLLECTION,
     ) -> RegisterOutcome:
         store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
-        found, rejected = self._collect(uploads, liveness)
+        found, rejected = self._collect(uploads, refuse_spoofs)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
         guard = None if allow_duplicate else self._refuse_duplicates
@@ -229,11 +230,11 @@ class RecognitionService:
         user_id: str,
         uploads: list[ImageUpload],
         allow_duplicate: bool,
-        liveness: bool,
+        refuse_spoofs: bool,
         collection: str = DEFAULT_COLLECTION,
     ) -> RegisterOutcome:
         existing = store.embeddings_of(user_id, collection=collection)  # USER_NOT_FOUND before any inference
-        found, rejected = self._collect(uploads, liveness)
+        found, rejected = self._collect(uploads, refuse_spoofs)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.asarray(existing, np.float32))
         guard = None if allow_duplicate else self._refuse_duplicates
@@ -246,11 +247,11 @@ class RecognitionService:
         upload: ImageUpload,
         threshold: float | None,
         top_k: int,
-        liveness: bool,
+        refuse_spoofs: bool,
         collection: str = DEFAULT_COLLECTION,
     ) -> VerifyOutcome:
         store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
-        found = self.find_face(upload, "largest", liveness)
+        found = self.find_face(upload, "largest", refuse_spoofs)
         embedding = self._embed_found([found])[0]
         result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1), collection=collection)
         applied = threshold if threshold is not None else self.identify_threshold(result.users)
@@ -262,9 +263,9 @@ class RecognitionService:
         return VerifyOutcome(verified, best, applied, candidates[:top_k], found.face)
 
     def compare(
-        self, first: ImageUpload, second: ImageUpload, threshold: float | None, liveness: bool
+        self, first: ImageUpload, second: ImageUpload, threshold: float | None, refuse_spoofs: bool
     ) -> CompareOutcome:
-        faces = [self.find_face(first, "largest", liveness), self.find_face(second, "largest", liveness)]
+        faces = [self.find_face(first, "largest", refuse_spoofs), self.find_face(second, "largest", refuse_spoofs)]
         embeddings = self._embed_found(faces)
         similarity = float(similarity_from_cosine(float(embeddings[0] @ embeddings[1])))
         applied = threshold if threshold is not None else self.compare_threshold

@@ -28,7 +28,7 @@ from api.ml.minifasnet import (
     variant_from_filename,
 )
 from api.ml.torch_state_dict import load_state_dict
-from api.services.liveness import crop_face
+from api.services.anti_spoofing import crop_face
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / ".." / "shared"

@@ -16,6 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from api.config import Settings
 from api.services.emotion import EMOTION_LABELS
 from tests.routers.test_recognition import IMAGE_ERRORS, error_of
 
@@ -27,9 +28,11 @@ def post_image(client: TestClient, path: str, data: bytes, name: str = "face.jpg
 
 
 def analysis_available(client: TestClient, feature: str) -> None:
-    """Skip, saying why, when the app could not load the model of ``feature`` (emotion, liveness)."""
-    reason = client.app.state.face.unavailable.get(feature)
-    if reason:
+    """Skip, saying why, when the app could not load the model of ``feature`` (emotion, anti-spoofing):
+    ``GET /`` names no model for it then, and the endpoint answers 503 with the reason."""
+    if client.get("/").json()["models"].get(feature) is None:
+        path = {"emotion": "/api/emotion", "liveness": "/api/anti-spoof"}[feature]
+        reason = client.post(path, files={"file": ("x.jpg", b"x", JPEG)}).json()["error"]["message"]
         pytest.skip(f"{feature} model unavailable: {reason}")
 
 
@@ -141,14 +144,16 @@ def test_emotion_of_posed_photos(client: TestClient, shared_dir: Path, photo: st
 # --- anti-spoofing ---------------------------------------------------------------------------------------
 
 
-def test_anti_spoof_scores_every_face(client: TestClient, big_and_small_jpeg: tuple[bytes, int, int]) -> None:
+def test_anti_spoof_scores_every_face(
+    client: TestClient, app_settings: Settings, big_and_small_jpeg: tuple[bytes, int, int]
+) -> None:
     analysis_available(client, "liveness")
     data, width, height = big_and_small_jpeg
     body = post_image(client, "/api/anti-spoof", data).json()
     assert set(body) == {"is_real", "faces"}
     faces = body["faces"]
     assert len(faces) == 2
-    threshold = client.app.state.face.settings.liveness_threshold
+    threshold = app_settings.liveness_threshold
     for face in faces:
         assert set(face) == {"box", "is_real", "real_score"}
         check_box(face["box"], width, height)

@@ -4,8 +4,8 @@ endpoint, API keys bound to collections, and the bad-input rules (nothing change
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -13,7 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.config import ApiKeyEntry
+from api.deps import get_audit, get_authenticator
 from api.security import AuditLog, Authenticator, hash_key
+from api.store import FaceStore
 
 JPEG = "image/jpeg"
 
@@ -133,26 +135,25 @@ def test_the_same_face_in_two_collections_is_isolated(
     assert client.get("/").json()["users"] == 2
 
 
-def test_the_threshold_counts_only_the_collection_searched(client: TestClient, astronaut_jpeg: bytes) -> None:
-    store = client.app.state.face.store
+def test_the_threshold_counts_only_the_collection_searched(
+    client: TestClient, client_store: FaceStore, astronaut_jpeg: bytes
+) -> None:
     rng = np.random.default_rng(0)
     client.post("/api/collections", json={"name": "big"})
-    model_id = client.app.state.face.models.recognition.engine.model_id
+    model_id = client.get("/").json()["models"]["embedder"]
     for i in range(300):
         faces = rng.standard_normal((1, 128)).astype(np.float32)
-        store.add_user(f"s{i}", faces / np.linalg.norm(faces), model_id, collection="big")
+        client_store.add_user(f"s{i}", faces / np.linalg.norm(faces), model_id, collection="big")
     small = verify(client, astronaut_jpeg, None).json()["threshold"]
     big = verify(client, astronaut_jpeg, "big").json()["threshold"]
     assert big > small  # 300 users in "big", none in default
 
 
 @pytest.fixture
-def bound_keys(client: TestClient, tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
+def bound_keys(client: TestClient, overrides: Any, tmp_path: Path) -> tuple[dict[str, str], Path]:
     """Keys: ``a`` (admin, bound to team-a), ``ac`` (client, bound to team-a), ``all`` (admin, every collection)."""
-    state = client.app.state.face
-    saved = state.authenticator, state.audit
     keys = {"a": "key-a-0123456789", "ac": "key-ac-0123456789", "all": "key-all-0123456789"}
-    state.authenticator = Authenticator(
+    overrides[get_authenticator] = Authenticator(
         [
             ApiKeyEntry(name="a", scope="admin", sha256=hash_key(keys["a"]), collections=["team-a"]),
             ApiKeyEntry(name="ac", scope="client", sha256=hash_key(keys["ac"]), collections=["team-a"]),
@@ -160,11 +161,8 @@ def bound_keys(client: TestClient, tmp_path: Path) -> Iterator[tuple[dict[str, s
         ]
     )
     audit_path = tmp_path / "audit.log"
-    state.audit = AuditLog(audit_path)
-    try:
-        yield {name: key for name, key in keys.items()}, audit_path
-    finally:
-        state.authenticator, state.audit = saved
+    overrides[get_audit] = AuditLog(audit_path)
+    return keys, audit_path
 
 
 def test_a_key_bound_to_one_collection_cannot_touch_another(

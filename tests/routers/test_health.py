@@ -6,6 +6,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import numpy as np
@@ -36,18 +37,16 @@ def test_probes(client: TestClient) -> None:
     assert ready.status_code == 200 and ready.json() == {"status": "ok"}
 
 
-def test_probes_while_loading(client: TestClient) -> None:
-    state = client.app.state.face
-    models = state.models
-    state.models = None
-    try:
-        assert client.get("/health/live").status_code == 200
-        ready = client.get("/health/ready")
-        assert ready.status_code == 503 and ready.json() == {"status": "loading"}
-        body = client.get("/").json()
-        assert body["ready"] is False and body["models"] == {} and body["users"] == 0
-    finally:
-        state.models = models
+def test_probes_while_loading(client: TestClient, overrides: Any) -> None:
+    from api.deps import get_loading
+    from api.state import ModelLoading
+
+    overrides[get_loading] = ModelLoading()
+    assert client.get("/health/live").status_code == 200
+    ready = client.get("/health/ready")
+    assert ready.status_code == 503 and ready.json() == {"status": "loading"}
+    body = client.get("/").json()
+    assert body["ready"] is False and body["models"] == {} and body["users"] == 0
 
 
 def test_server_without_models_serves_probes_users_and_upload_limits(live_server: Callable) -> None:

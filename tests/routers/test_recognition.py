@@ -250,8 +250,8 @@ def test_image_errors_on_register_and_compare(
     assert users_total(client) == 0
 
 
-def test_image_over_the_byte_limit(client: TestClient, astronaut_jpeg: bytes) -> None:
-    limit = client.app.state.face.settings.max_image_bytes
+def test_image_over_the_byte_limit(client: TestClient, app_settings: Settings, astronaut_jpeg: bytes) -> None:
+    limit = app_settings.max_image_bytes
     data = astronaut_jpeg + bytes(limit + 1 - len(astronaut_jpeg))  # a JPEG with trailing bytes, one too many
     error = error_of(verify(client, data, name="big.jpg"), 413, "IMAGE_TOO_LARGE")
     assert error["details"] == {"file": "big.jpg", "limit": limit}
@@ -263,8 +263,8 @@ def test_multiple_faces_are_refused_at_registration(client: TestClient, two_face
     assert users_total(client) == 0
 
 
-def test_too_many_files(client: TestClient, astronaut_jpeg: bytes) -> None:
-    limit = client.app.state.face.settings.max_files_per_request
+def test_too_many_files(client: TestClient, app_settings: Settings, astronaut_jpeg: bytes) -> None:
+    limit = app_settings.max_files_per_request
     named = [(f"f{i}.jpg", b"x") for i in range(limit + 1)]  # refused before any file is read
     error = error_of(register(client, "Many", *named), 422, "TOO_MANY_FILES")
     assert error["details"]["limit"] == limit
@@ -301,8 +301,8 @@ def test_unknown_route_and_method_use_the_envelope(client: TestClient) -> None:
     error_of(client.get("/api/verify"), 405, "METHOD_NOT_ALLOWED")
 
 
-def test_payload_too_large_is_refused_while_streaming(client: TestClient) -> None:
-    limit = client.app.state.face.settings.max_upload_bytes
+def test_payload_too_large_is_refused_while_streaming(client: TestClient, app_settings: Settings) -> None:
+    limit = app_settings.max_upload_bytes
     body = b"--x\r\n" + bytes(limit)  # over the limit: never parsed
 
     declared = client.post("/api/verify", content=body, headers={"content-type": "multipart/form-data; boundary=x"})
@@ -327,21 +327,20 @@ def test_upload_limit_is_per_app_and_needs_no_models() -> None:
     assert cheap.get("/health/live").json() == {"status": "ok"}
 
 
-def test_not_ready_and_failed_models_answer_503(client: TestClient, astronaut_jpeg: bytes) -> None:
-    state = client.app.state.face
-    models = state.models
-    try:
-        state.models = None  # as during start-up, while the models load
-        error_of(verify(client, astronaut_jpeg), 503, "NOT_READY")
-        error_of(register(client, "Later", ("a.jpg", astronaut_jpeg)), 503, "NOT_READY")
-        assert client.get("/health/ready").status_code == 503
-        assert client.get("/api/users").json() == {"items": [], "total": 0}  # the store needs no models
-        state.load_error = "OSError: model file missing"
-        error = error_of(compare(client, astronaut_jpeg, astronaut_jpeg), 503, "MODEL_UNAVAILABLE")
-        assert "model file missing" in error["message"]
-        assert client.get("/health/ready").json() == {"status": "failed"}
-    finally:
-        state.models, state.load_error = models, None
+def test_not_ready_and_failed_models_answer_503(client: TestClient, overrides: Any, astronaut_jpeg: bytes) -> None:
+    from api.deps import get_loading
+    from api.state import ModelLoading
+
+    overrides[get_loading] = ModelLoading()  # as during start-up, while the models load
+    error_of(verify(client, astronaut_jpeg), 503, "NOT_READY")
+    error_of(register(client, "Later", ("a.jpg", astronaut_jpeg)), 503, "NOT_READY")
+    assert client.get("/health/ready").status_code == 503
+    assert client.get("/api/users").json() == {"items": [], "total": 0}  # the store needs no models
+    overrides[get_loading] = ModelLoading(error="OSError: model file missing")
+    error = error_of(compare(client, astronaut_jpeg, astronaut_jpeg), 503, "MODEL_UNAVAILABLE")
+    assert "model file missing" in error["message"]
+    assert client.get("/health/ready").json() == {"status": "failed"}
+    del overrides[get_loading]
     assert client.get("/health/ready").status_code == 200
 
 

@@ -13,8 +13,8 @@ from PIL import Image, ImageOps
 
 import api  # noqa: F401  (thread pools pinned before TensorFlow loads)
 from api.errors import ModelUnavailableError
+from api.services.anti_spoofing import MiniFASNetAntiSpoofing, crop_box, crop_face
 from api.services.imaging import decode_image
-from api.services.liveness import MiniFASNetLiveness, crop_box, crop_face
 
 REPO = Path(__file__).resolve().parents[2]
 FACEDATA = REPO / ".." / "shared" / "facedata"
@@ -72,15 +72,15 @@ def test_crop_face_is_bgr_80x80() -> None:
 
 def test_missing_models_give_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailableError) as info:
-        MiniFASNetLiveness(tmp_path)
+        MiniFASNetAntiSpoofing(tmp_path)
     assert "fetch_models.py" in info.value.message and "FACE_MODELS_MIRROR" in info.value.message
 
 
 @pytest.fixture(scope="module")
-def liveness() -> MiniFASNetLiveness:
+def anti_spoofing() -> MiniFASNetAntiSpoofing:
     if not all((MODELS_DIR / f"{stem}.keras").is_file() for stem in REFERENCE["models"]):
         pytest.skip(f"no converted models in {MODELS_DIR}: run `python tools/fetch_models.py` first")
-    return MiniFASNetLiveness(MODELS_DIR)
+    return MiniFASNetAntiSpoofing(MODELS_DIR)
 
 
 def _image(relpath: str) -> np.ndarray:
@@ -101,40 +101,40 @@ def _case_image(case: dict[str, Any]) -> np.ndarray:
     return rgb
 
 
-def test_no_boxes_give_no_scores(liveness: MiniFASNetLiveness) -> None:
-    assert liveness.real_scores(np.zeros((50, 50, 3), np.uint8), []).shape == (0,)
+def test_no_boxes_give_no_scores(anti_spoofing: MiniFASNetAntiSpoofing) -> None:
+    assert anti_spoofing.real_scores(np.zeros((50, 50, 3), np.uint8), []).shape == (0,)
 
 
 @pytest.mark.shared
-def test_scores_match_the_recorded_reference(liveness: MiniFASNetLiveness) -> None:
+def test_scores_match_the_recorded_reference(anti_spoofing: MiniFASNetAntiSpoofing) -> None:
     for case in REFERENCE["cases"]:
         image = _case_image(case)
         expected = np.mean([case["softmax"][stem] for stem in REFERENCE["models"]], axis=0)
-        got = liveness.probabilities(image, [tuple(case["box"])])[0]
+        got = anti_spoofing.probabilities(image, [tuple(case["box"])])[0]
         assert np.abs(got - expected).max() <= 1e-4, case["image"]
-        assert liveness.real_scores(image, [tuple(case["box"])])[0] == pytest.approx(expected[1], abs=1e-4)
+        assert anti_spoofing.real_scores(image, [tuple(case["box"])])[0] == pytest.approx(expected[1], abs=1e-4)
 
 
 @pytest.mark.shared
-def test_faces_of_one_image_are_scored_together_like_alone(liveness: MiniFASNetLiveness) -> None:
+def test_faces_of_one_image_are_scored_together_like_alone(anti_spoofing: MiniFASNetAntiSpoofing) -> None:
     from api.services.detection import YuNetDetector
 
     image = _image("identity/compreface/011_3.jpg")
     boxes = [face.box for face in YuNetDetector().detect(image)]
     assert len(boxes) >= 2
-    together = liveness.real_scores(image, boxes)
-    alone = np.array([liveness.real_scores(image, [box])[0] for box in boxes])
+    together = anti_spoofing.real_scores(image, boxes)
+    alone = np.array([anti_spoofing.real_scores(image, [box])[0] for box in boxes])
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert ((together >= 0) & (together <= 1)).all()
 
 
 @pytest.mark.shared
-def test_reference_samples_get_the_published_decision(liveness: MiniFASNetLiveness) -> None:
+def test_reference_samples_get_the_published_decision(anti_spoofing: MiniFASNetAntiSpoofing) -> None:
     from api.services.detection import YuNetDetector
 
     detector = YuNetDetector()
     scores = {}
     for name in ("image_T1.jpg", "image_F2.jpg"):
         image = _image(f"antispoof/silent_face/{name}")
-        scores[name] = float(liveness.real_scores(image, [detector.detect(image)[0].box])[0])
+        scores[name] = float(anti_spoofing.real_scores(image, [detector.detect(image)[0].box])[0])
     assert scores["image_T1.jpg"] > 0.5 > scores["image_F2.jpg"], scores

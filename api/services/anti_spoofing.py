@@ -1,10 +1,10 @@
-"""Passive liveness (presentation-attack detection) with minivision's two MiniFASNet models.
+"""Anti-spoofing (passive presentation-attack detection) with minivision's two MiniFASNet models.
 
 Each face is cropped twice around its detector box, enlarged 2.7x and 4.0x (context such as a phone bezel
 or paper edge is what the wider crop sees), resized to 80x80 and scored by its model. The two softmax
 outputs are averaged; class 1 is "real". This reproduces the reference pipeline (Silent-Face-Anti-Spoofing
 ``test.py``, also deepface's ``Fasnet``) so that its published behaviour carries over; the equivalence
-to the PyTorch reference is checked by ``tests/services/test_liveness.py``.
+to the PyTorch reference is checked by ``tests/services/test_anti_spoofing.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from api.errors import ModelUnavailableError
 from api.ml.minifasnet import ANTI_SPOOF_MODELS, INPUT_SIZE, REAL_CLASS
+from api.ml.registry import MINIFASNET
 
 Box = tuple[float, float, float, float]
 
@@ -64,8 +65,10 @@ def crop_face(image_rgb: np.ndarray, box: Box, scale: float, size: int = INPUT_S
     return np.ascontiguousarray(resized[:, :, ::-1])
 
 
-class MiniFASNetLiveness:
+class MiniFASNetAntiSpoofing:
     """Both MiniFASNet models, loaded once from ``<models_dir>/<stem>.keras`` (see tools/fetch_models.py)."""
+
+    model_id = MINIFASNET.id
 
     def __init__(self, models_dir: Path) -> None:
         paths = [Path(models_dir) / f"{spec.stem}.keras" for spec in ANTI_SPOOF_MODELS]
