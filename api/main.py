@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api import __version__
 from api.composition import load_models
 from api.config import Settings
+from api.docs_pages import add_offline_docs
 from api.errors import FaceServiceError, StoreUnavailableError, error_response
 from api.middleware import UploadLimitMiddleware
 from api.routers import analysis, collections, health, recognition, users
@@ -84,7 +85,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served from local assets below: FastAPI's defaults load them from a CDN
+        redoc_url=None,
     )
+    add_offline_docs(app)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     for router in (health.router, recognition.router, users.router, collections.router, analysis.router):
         app.include_router(router)
