@@ -11,6 +11,7 @@ import pytest
 # api first (conftest is imported before any test module): it pins thread pools before numpy, OpenCV or
 # TensorFlow load, so numpy is imported lazily below.
 import api  # noqa: F401
+from tests.helpers import jpeg_bytes
 from tools.common import FACEDATA
 
 if TYPE_CHECKING:
@@ -93,17 +94,6 @@ def dlib_landmarks() -> Callable:
 # --- the HTTP API: one app (one model load) per session, a clean store per test --------------------------
 
 READY_TIMEOUT_S = 180.0
-
-
-def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
-    """``image`` (H, W, 3 uint8 RGB) encoded as JPEG."""
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def _wait_ready(client, timeout_s: float = READY_TIMEOUT_S) -> None:

@@ -36,9 +36,9 @@ import pytest
 from PIL import Image
 
 from api.store.npz import NpzFaceStore
+from tests.helpers import JPEG
 from tools.common import FACEDATA
 
-JPEG = "image/jpeg"
 THREADS = 8
 
 

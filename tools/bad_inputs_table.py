@@ -25,9 +25,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a file: make ``api`` importable without installing the project
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import numpy as np
 
 JPEG = "image/jpeg"
@@ -543,9 +540,9 @@ def in_process_client() -> Iterator[Any]:
         )
         with TestClient(create_app(settings), client=("127.0.0.1", 50000)) as client:
             deadline = time.monotonic() + 300
-            while client.get("/health/ready").status_code != 200:
-                if time.monotonic() > deadline or client.app.state.face.load_error:
-                    raise SystemExit(f"the models did not load: {client.app.state.face.load_error}")
+            while (ready := client.get("/health/ready")).status_code != 200:
+                if time.monotonic() > deadline or ready.json().get("status") == "failed":
+                    raise SystemExit(f"the models did not load: {ready.json()}")
                 time.sleep(0.2)
             yield client
 

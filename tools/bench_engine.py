@@ -9,12 +9,12 @@ process CPU time (all threads), which a busy machine inflates far less than wall
 Measured:
 
 * ours: decode, detect (YuNet), align (similarity warp), embed at batch 1 and 8 with and without flip TTA,
-  and end to end (decode + detect + align + embed of the largest face); detection and end to end also with the
-  detector working on a 320 px copy instead of the configured 640 px, for comparison.
+  and end to end (decode, then ``FaceEngine.represent``: detect, pick the largest face, align, embed); detection
+  and end to end also with the detector working on a 320 px copy instead of the configured 640 px, for comparison.
 * deepface: ``DeepFace.represent(path, model_name="Dlib", detector_backend="opencv")``, weights seeded by
   ``tools.eval_lfw.deepface_pipeline``.
 * dlib: HOG detector, 5-point shape + ``get_face_chip``, ``compute_face_descriptor`` per chip and as one batch
-  call, and end to end.
+  call, and end to end (the models and chip of ``tools.eval_lfw.load_dlib`` and ``dlib_chip``).
 * memory: peak RSS (``ru_maxrss``) of this process, and of the engine alone in a fresh subprocess (no deepface or
   dlib loaded there).
 
@@ -26,10 +26,6 @@ Examples::
 """
 
 from __future__ import annotations
-
-import api  # noqa: F401  (pins thread pools before numpy/OpenCV/TensorFlow load)
-
-# isort: split
 
 import argparse
 import io
@@ -48,7 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# isort: split
 import numpy as np
 
 from api.config import Settings
@@ -181,8 +176,7 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
     embedder = engine.embedder
     if not isinstance(embedder, KerasDlibEmbedder):
         raise SystemExit(f"The benchmark times the Keras embedder; FACE_EMBEDDER selects {type(embedder).__name__}.")
-    faces = engine.detect(photo)
-    face = engine.select_face(photo, faces, "largest")
+    face = engine.represent(photo).face  # the largest face, as the service picks it
     chip = engine.align(photo, [face])
     chips = np.repeat(chip, BATCH, axis=0)  # content does not change a CNN's cost
 
@@ -210,9 +204,7 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
     def end_to_end(flip: bool, using: FaceEngine = engine) -> Callable[[], object]:
         def call() -> object:
             with flip_set(flip):
-                image = decode_image(jpeg)
-                subject = using.select_face(image, using.detect(image), "largest")
-                return using.embed(image, [subject])[0]
+                return using.represent(decode_image(jpeg)).embedding
 
         return call
 
@@ -248,35 +240,25 @@ def deepface_measurements(photo_path: Path) -> tuple[list[Measurement], np.ndarr
 
 
 def dlib_measurements(jpeg: bytes, photo: np.ndarray) -> tuple[list[Measurement], np.ndarray]:
-    import dlib
-    import face_recognition_models
+    from tools.eval_lfw import dlib_chip, load_dlib
 
-    from api.ml.dlib_resnet import default_weights_path
-
-    detector = dlib.get_frontal_face_detector()
-    predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
-    model = dlib.face_recognition_model_v1(str(default_weights_path()))
+    detector, predictor, model = load_dlib()
     rects = list(detector(photo, 0))
     if not rects:
         raise SystemExit("dlib's HOG detector found no face in the benchmark photo.")
-
-    def chip_of(image: np.ndarray, rect: Any) -> np.ndarray:
-        """dlib's own alignment: 5 landmarks, then the 150x150 chip its ResNet was trained on."""
-        return dlib.get_face_chip(image, predictor(image, rect), size=150, padding=0.25)
-
     rect = max(rects, key=lambda r: r.area())
-    chip = chip_of(photo, rect)
+    chip = dlib_chip(photo, predictor, rect)
     chips = [chip] * BATCH
 
     def end_to_end() -> np.ndarray:
         image = decode_image(jpeg)
         largest = max(detector(image, 0), key=lambda r: r.area())
-        return np.asarray(model.compute_face_descriptor(chip_of(image, largest)), np.float32)
+        return np.asarray(model.compute_face_descriptor(dlib_chip(image, predictor, largest)), np.float32)
 
     measurements = [
         Measurement("dlib detect (HOG, no upsampling)", lambda: detector(photo, 0)),
         Measurement("dlib detect (HOG, upsample 1)", lambda: detector(photo, 1)),
-        Measurement("dlib align (5 points + get_face_chip)", lambda: chip_of(photo, rect)),
+        Measurement("dlib align (5 points + get_face_chip)", lambda: dlib_chip(photo, predictor, rect)),
         Measurement("dlib embed batch 1", lambda: model.compute_face_descriptor(chip)),
         Measurement(f"dlib embed batch {BATCH} (one call)", lambda: model.compute_face_descriptor(chips), BATCH),
         Measurement("dlib end to end", end_to_end),

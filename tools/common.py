@@ -1,4 +1,8 @@
-"""Helpers shared by the tools: where the development data lives and how LFW lists are read."""
+"""Helpers shared by the tools: where the repository and the development data live, and how LFW lists are read.
+
+The loaders of the other data sets (FER2013 and labelled emotion photos, anti-spoofing sets) are in
+:mod:`tools.datasets`; these LFW readers stay here, light to import, for the tests and load tools as well.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from api.config import REPO_ROOT
+
+__all__ = ["FACEDATA", "LFW", "REPO_ROOT", "SHARED", "Pair", "lfw_image_path", "lfw_images", "read_pairs"]
+
 # Development data sits beside the checkout (never inside it); FACE_SHARED_DIR points elsewhere.
 SHARED = Path(os.environ.get("FACE_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
 FACEDATA = SHARED / "facedata"

@@ -6,10 +6,6 @@ python -m tools.compare_detection --photos DIR [DIR ...]
 
 from __future__ import annotations
 
-import api  # noqa: F401  (pins thread pools before numpy loads)
-
-# isort: split
-
 import argparse
 import time
 from pathlib import Path

@@ -15,10 +15,6 @@ spread. Run: ``python -m tools.derive_chip_template --limit 1500``.
 
 from __future__ import annotations
 
-import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
-
-# isort: split
-
 import argparse
 
 import cv2

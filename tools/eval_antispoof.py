@@ -1,7 +1,7 @@
-"""Evaluate the MiniFASNet liveness check on folders of bona fide and attack images (ISO/IEC 30107-3 terms).
+"""Evaluate MiniFASNet anti-spoofing on folders of bona fide and attack images (ISO/IEC 30107-3 terms).
 
 For every image: decode it as the service does (EXIF orientation applied), take the largest YuNet face,
-score it with ``MiniFASNetLiveness`` and decide two ways:
+score it with ``MiniFASNetAntiSpoofing`` and decide two ways:
 
 * threshold: bona fide iff the averaged "real" probability >= ``--threshold`` (the service's rule);
 * argmax: bona fide iff "real" is the largest of the 3 averaged class probabilities (the reference's
@@ -19,106 +19,37 @@ decoded are counted per group and left out of the rates. Writes ``report.md``, `
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Runnable as `python tools/eval_antispoof.py`: the repository root holds the `api` package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import api  # noqa: F401  (first: pins the thread pools before numpy / TensorFlow load)
-
-# isort: split
 import argparse
 import csv
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 
 from api.errors import FaceServiceError
 from api.ml.minifasnet import REAL_CLASS
+from api.services.anti_spoofing import MiniFASNetAntiSpoofing
 from api.services.detection import YuNetDetector
 from api.services.imaging import decode_image
-from api.services.liveness import MiniFASNetLiveness
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FACEDATA = REPO_ROOT.parent / "shared" / "facedata"
-BONA_FIDE = "bona fide"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-@dataclass(frozen=True)
-class Group:
-    name: str
-    label: str  # BONA_FIDE or the attack type (e.g. "replay", "print")
-    paths: tuple[Path, ...]
+from tools.common import FACEDATA, REPO_ROOT
+from tools.datasets import BONA_FIDE, PresentationGroup, antispoof_reference_groups, presentation_groups
 
 
 @dataclass(frozen=True)
 class Scored:
-    group: Group
+    group: PresentationGroup
     path: Path
     status: str  # "ok", "no face" or "unreadable"
     probs: np.ndarray | None  # averaged softmax of both models
     box: tuple[float, float, float, float] | None
 
 
-def list_images(source: Path, limit: int | None) -> list[Path]:
-    """Images under ``source`` (a file or a folder, searched recursively), evenly thinned to ``limit``."""
-    if source.is_file():
-        return [source]
-    if not source.is_dir():
-        raise SystemExit(f"no such file or folder: {source}")
-    paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if limit is not None and len(paths) > limit:
-        # Evenly spaced over the sorted list rather than the first N: LFW's folders are alphabetical by
-        # person, so a prefix would cover only a few people.
-        paths = [paths[i] for i in np.linspace(0, len(paths) - 1, limit).round().astype(int)]
-    return paths
-
-
-def _split(spec: str, default_name: str | None) -> tuple[str, Path]:
-    if "=" in spec:
-        name, path = spec.split("=", 1)
-        return name, Path(path)
-    if default_name is None:
-        raise SystemExit(f"--attack expects NAME=DIR, got {spec!r}")
-    return Path(spec).name or default_name, Path(spec)
-
-
-def groups_from_args(bona_fide: list[str], attacks: list[str], limit: int | None) -> list[Group]:
-    groups = []
-    for spec in bona_fide:
-        name, path = _split(spec, "bona fide")
-        groups.append(Group(name, BONA_FIDE, tuple(list_images(path, limit))))
-    for spec in attacks:
-        name, path = _split(spec, None)
-        groups.append(Group(f"{name}: {path.name}", name, tuple(list_images(path, limit))))
-    return groups
-
-
-def reference_groups(facedata: Path, limit: int | None) -> list[Group]:
-    """The issue's reference sets: replay frames, the print/screen samples, identity photos as bona fide."""
-    if not facedata.is_dir():
-        raise SystemExit(f"{facedata} is absent: --reference needs the development data in ../shared")
-    apfol = facedata / "antispoof" / "pyimagesearch_apfol"
-    silent = facedata / "antispoof" / "silent_face"
-    identity = facedata / "identity"
-    return [
-        Group("apfol real frames", BONA_FIDE, tuple(list_images(apfol / "real", limit))),
-        Group("silent_face image_T1", BONA_FIDE, (silent / "image_T1.jpg",)),
-        Group("lfw", BONA_FIDE, tuple(list_images(identity / "lfw" / "images", limit))),
-        Group("deepface", BONA_FIDE, tuple(list_images(identity / "deepface", limit))),
-        Group("face_recognition", BONA_FIDE, tuple(list_images(identity / "face_recognition", limit))),
-        Group("compreface", BONA_FIDE, tuple(list_images(identity / "compreface", limit))),
-        Group("replay: apfol fake frames", "replay", tuple(list_images(apfol / "fake", limit))),
-        Group("print: silent_face image_F1", "print", (silent / "image_F1.jpg",)),
-        Group("screen: silent_face image_F2", "screen", (silent / "image_F2.jpg",)),
-    ]
-
-
-def score_all(groups: list[Group], detector: YuNetDetector, liveness: MiniFASNetLiveness) -> list[Scored]:
+def score_all(
+    groups: list[PresentationGroup], detector: YuNetDetector, anti_spoofing: MiniFASNetAntiSpoofing
+) -> list[Scored]:
     results = []
     for group in groups:
         for path in group.paths:
@@ -131,7 +62,7 @@ def score_all(groups: list[Group], detector: YuNetDetector, liveness: MiniFASNet
             if not faces:
                 results.append(Scored(group, path, "no face", None, None))
                 continue
-            probs = liveness.probabilities(image, [faces[0].box])[0]
+            probs = anti_spoofing.probabilities(image, [faces[0].box])[0]
             results.append(Scored(group, path, "ok", probs, faces[0].box))
         print(f"scored {group.name}: {len(group.paths)} images", flush=True)
     return results
@@ -235,26 +166,26 @@ def plot_det(results: list[Scored], threshold: float, path: Path) -> None:
     plt.close(fig)
 
 
-def measure_latency(results: list[Scored], liveness: MiniFASNetLiveness, runs: int) -> dict[str, float]:
+def measure_latency(results: list[Scored], anti_spoofing: MiniFASNetAntiSpoofing, runs: int) -> dict[str, float]:
     """Median wall time of ``real_scores`` per face (crop, resize and both models), one face per call."""
     samples = [r for r in results if r.status == "ok"][:20]
     if not samples:
         return {}
     images = [(decode_image(r.path.read_bytes()), r.box) for r in samples]
     for image, box in images[:3]:
-        liveness.real_scores(image, [box])  # warm-up: the first calls build the graph
+        anti_spoofing.real_scores(image, [box])  # warm-up: the first calls build the graph
     single = []
     for i in range(runs):
         image, box = images[i % len(images)]
         start = time.perf_counter()
-        liveness.real_scores(image, [box])
+        anti_spoofing.real_scores(image, [box])
         single.append(time.perf_counter() - start)
     image, box = images[0]
     batch = [box] * 8
     batched = []
     for _ in range(max(1, runs // 8)):
         start = time.perf_counter()
-        liveness.real_scores(image, batch)
+        anti_spoofing.real_scores(image, batch)
         batched.append((time.perf_counter() - start) / len(batch))
     return {
         "median_ms_per_face_single": 1000 * float(np.median(single)),
@@ -371,15 +302,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    groups = groups_from_args(args.bona_fide, args.attack, args.limit_per_folder)
+    groups = presentation_groups(args.bona_fide, args.attack, args.limit_per_folder)
     if args.reference:
-        groups += reference_groups(args.facedata, args.limit_per_folder)
+        groups += antispoof_reference_groups(args.facedata, args.limit_per_folder)
     if not groups:
         parser.error("give --bona-fide / --attack folders, or --reference")
-    liveness = MiniFASNetLiveness(args.models_dir)
+    anti_spoofing = MiniFASNetAntiSpoofing(args.models_dir)
     detector = YuNetDetector(max_side=args.detect_max_side, min_side=args.detect_min_side)
-    results = score_all(groups, detector, liveness)
-    latency = measure_latency(results, liveness, args.latency) if args.latency else {}
+    results = score_all(groups, detector, anti_spoofing)
+    latency = measure_latency(results, anti_spoofing, args.latency) if args.latency else {}
 
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m tools.eval_antispoof " + " ".join(sys.argv[1:] if argv is None else argv)

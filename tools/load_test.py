@@ -1,8 +1,8 @@
 """Service latency over real HTTP: start-up, verify against a large gallery, register, memory.
 
-Starts ``uvicorn api.main:app`` in a subprocess on a temporary store, seeds it with ``--users`` synthetic
-users (random unit descriptors of the configured model, 2 faces each: search cost is what is measured,
-not recognition quality), then times requests with httpx:
+Starts ``uvicorn --factory api.main:create_app`` in a subprocess on a temporary store, seeds it with
+``--users`` synthetic users (random unit descriptors of the configured model, 2 faces each: search cost is
+what is measured, not recognition quality), then times requests with httpx:
 
 * start-up: process start until ``/health/ready`` answers 200;
 * ``POST /api/verify`` with one 640x480 single-face photo (median and p90 of ``--requests``);
@@ -15,10 +15,6 @@ not recognition quality), then times requests with httpx:
 """
 
 from __future__ import annotations
-
-import api  # noqa: F401  (pins thread pools before numpy loads)
-
-# isort: split
 
 import argparse
 import io
@@ -128,7 +124,17 @@ def main() -> None:
     env = dict(os.environ, FACE_STORE_PATH=str(store_path))
     launched = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "api.main:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

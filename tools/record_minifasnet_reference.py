@@ -1,12 +1,13 @@
 """Record the PyTorch reference outputs that the Keras MiniFASNet rebuild is tested against.
 
 Runs in a throwaway environment that has PyTorch, never in the service's venv (torch is no dependency of
-the project)::
+the project), from the repository root (``-m`` puts it on the path, so ``api`` and ``tools`` import from the
+checkout; pydantic-settings is for ``api.config``, where the repository root is defined)::
 
     python3.11 -m venv /tmp/torchenv
     /tmp/torchenv/bin/pip install torch==2.13.0 numpy opencv-contrib-python-headless==4.14.0.94 \
-        yuface==2023.5.1 pillow==13.0.0
-    /tmp/torchenv/bin/python tools/record_minifasnet_reference.py
+        yuface==2023.5.1 pillow==13.0.0 pydantic-settings==2.16.3
+    /tmp/torchenv/bin/python -m tools.record_minifasnet_reference
 
 The reference is the upstream pipeline as deepface 0.0.103 ships it, loaded from the service venv's copy
 of deepface by file path (so neither deepface nor TensorFlow is imported): ``FasNetUtils.crop`` for the
@@ -25,20 +26,12 @@ expects.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Runnable as `python tools/record_minifasnet_reference.py`: the repository root holds the `api` package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import api  # noqa: F401  (first: pins the thread pools before numpy loads)
-
-# isort: split
 import argparse
 import collections
 import hashlib
 import importlib.util
 import json
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -46,8 +39,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from api.services.detection import YuNetDetector
+from tools.common import FACEDATA, REPO_ROOT, SHARED
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 
 # (file stem, deepface constructor name, crop scale): minivision's naming puts the scale first.
@@ -193,12 +186,11 @@ def record_state_dict_fixtures(folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shared = REPO_ROOT.parent / "shared"
-    parser.add_argument("--facedata", type=Path, default=shared / "facedata")
+    parser.add_argument("--facedata", type=Path, default=FACEDATA)
     parser.add_argument(
         "--weights",
         type=Path,
-        default=shared / "models" / "anti_spoof",
+        default=SHARED / "models" / "anti_spoof",
         help="folder with the two .pth files",
     )
     parser.add_argument(

@@ -29,12 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file: make ``api`` importable without installing the project
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from api.config import REPO_ROOT
 from api.store import FaceStore, UserRecord, open_store_at
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_ID = "crash-test-model"
 DIM = 128
 

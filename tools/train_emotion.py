@@ -10,22 +10,12 @@ flip-averaged PublicTest accuracy and writes
 
 PrivateTest is evaluated once, after the epoch was chosen, and only reported.
 
-    nice -n 10 .venv/bin/python tools/train_emotion.py                 # full run (about an hour here)
-    .venv/bin/python tools/train_emotion.py --time-steps 60            # time one epoch, train nothing
+    nice -n 10 .venv/bin/python -m tools.train_emotion                 # full run (about an hour here)
+    .venv/bin/python -m tools.train_emotion --time-steps 60            # time one epoch, train nothing
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-# Runnable as `python tools/train_emotion.py` from anywhere: the repository root holds the `api` package.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-import api  # noqa: F401  (first: pins the thread pools before numpy / TensorFlow load)
-
-# isort: split
 import argparse
 import io
 import json
@@ -33,17 +23,17 @@ import math
 import os
 import platform
 import shlex
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from api.services.emotion import EMOTION_LABELS, FACE_SIZE, tta_views
-from tools.common import FACEDATA
-from tools.eval_emotion import load_source
+from tools.common import REPO_ROOT
+from tools.datasets import FER2013_PRIVATETEST, FER2013_ZIP, fer2013_arrays
+from tools.eval_emotion import metrics
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ZIP = FACEDATA / "emotion" / "fer2013_train_publictest.zip"
-DEFAULT_PRIVATE = FACEDATA / "emotion" / "fer2013_privatetest"
 SIZE = FACE_SIZE
 # Model-card sections that tools/eval_emotion.py writes (or that quote its runs); a new training run keeps them.
 EVAL_SECTIONS = (
@@ -52,21 +42,6 @@ EVAL_SECTIONS = (
     "\n## Test-time views",
     "\n## Inference time",
 )
-
-
-# ----------------------------------------------------------------------------------------------- data
-def load_split(spec: str) -> tuple[np.ndarray, np.ndarray]:
-    """FER2013 faces of ``spec`` (``archive.zip:split`` or a ``<label>/<image>`` folder, read by
-    ``tools.eval_emotion.load_source``) as (N, 48, 48) uint8 and (N,) int label indices.
-
-    Decoded once into memory (28k x 48 x 48 bytes is 65 MB): the tf.data pipeline then only slices it.
-    """
-    samples = load_source(spec).samples
-    if not samples:
-        raise ValueError(f"no labelled images in {spec}")
-    if any(sample.face is None for sample in samples):
-        raise ValueError(f"{spec}: not all images are face crops (at most 64 px)")
-    return np.stack([s.face for s in samples]), np.asarray([s.label for s in samples], dtype=np.int32)
 
 
 # ----------------------------------------------------------------------------------------- augmentation
@@ -176,19 +151,19 @@ def predict_tta(model: object, images: np.ndarray, batch_size: int = 256) -> np.
 
 
 def scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, object]:
-    predicted = probabilities.argmax(axis=1)
-    recall = {
-        label: float((predicted[labels == i] == i).mean()) if (labels == i).any() else float("nan")
-        for i, label in enumerate(EMOTION_LABELS)
-    }
-    return {"accuracy": float((predicted == labels).mean()), "n": int(labels.size), "recall": recall}
+    """Accuracy, count and recall per class (NaN for a class without images) from ``tools.eval_emotion.metrics``:
+    the figures that the model card and ``results.json`` keep."""
+    result = metrics(probabilities, labels)
+    recall: dict[str, float | None] = result["recall"]  # type: ignore[assignment]
+    nan_for_none = {label: float("nan") if value is None else value for label, value in recall.items()}
+    return {"accuracy": result["accuracy"], "n": result["n"], "recall": nan_for_none}
 
 
 # ------------------------------------------------------------------------------------------------ main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zip", type=Path, default=DEFAULT_ZIP)
-    parser.add_argument("--private", type=Path, default=DEFAULT_PRIVATE, help="PrivateTest folder (report only)")
+    parser.add_argument("--zip", type=Path, default=FER2013_ZIP)
+    parser.add_argument("--private", type=Path, default=FER2013_PRIVATETEST, help="PrivateTest folder (report only)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "resources" / "emotion_model.keras")
     parser.add_argument("--card", type=Path, default=REPO_ROOT / "resources" / "emotion_model.md")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/train_emotion"), help="checkpoints")
@@ -223,7 +198,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = "nice -n 10 .venv/bin/python tools/train_emotion.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "nice -n 10 .venv/bin/python -m tools.train_emotion " + shlex.join(sys.argv[1:] if argv is None else argv)
     import keras
     import tensorflow as tf
 
@@ -235,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     keras.mixed_precision.set_global_policy(args.precision)
 
     started = time.time()
-    x_train, y_train = load_split(f"{args.zip}:train")
-    x_val, y_val = load_split(f"{args.zip}:publictest")
+    x_train, y_train = fer2013_arrays(f"{args.zip}:train")
+    x_val, y_val = fer2013_arrays(f"{args.zip}:publictest")
     if args.train_limit:
         keep = np.random.default_rng(args.seed).permutation(len(x_train))[: args.train_limit]
         x_train, y_train = x_train[keep], y_train[keep]
@@ -393,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         plain = export.predict(x.astype(np.float32)[..., None], batch_size=256, verbose=0)
         results[split] = {"plain": scores(plain, y), "tta": scores(predict_tta(export, x), y)}
     if args.private.is_dir():
-        x_private, y_private = load_split(str(args.private))
+        x_private, y_private = fer2013_arrays(args.private)
         plain = export.predict(x_private.astype(np.float32)[..., None], batch_size=256, verbose=0)
         results["PrivateTest (half)"] = {
             "plain": scores(plain, y_private),
@@ -566,7 +541,7 @@ with TTA.
 {chr(10).join(row(name, entry) for name, entry in results.items())}
 
 The baselines on the same data, and full photos through the detector, are in "Comparison with the
-baselines" below (written by `tools/eval_emotion.py --update-card`).
+baselines" below (written by `python -m tools.eval_emotion --update-card`).
 
 <details><summary>Per-epoch record</summary>
 

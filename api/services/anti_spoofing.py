@@ -76,8 +76,8 @@ class MiniFASNetAntiSpoofing:
         if missing:
             raise ModelUnavailableError(
                 f"Anti-spoofing model(s) missing: {', '.join(str(p) for p in missing)}. Build them with "
-                "`make run` or `python tools/fetch_models.py`, which downloads minivision's .pth files "
-                "(or copies them from the folder in FACE_MODELS_MIRROR when offline) and converts them.",
+                "`make run` or `python -m tools.fetch_models` (tools/fetch_models.py), which downloads minivision's "
+                ".pth files (or copies them from the folder in FACE_MODELS_MIRROR when offline) and converts them.",
                 missing=[str(p) for p in missing],
             )
         import keras
@@ -88,7 +88,7 @@ class MiniFASNetAntiSpoofing:
         except (OSError, ValueError) as err:
             raise ModelUnavailableError(
                 f"Anti-spoofing model could not be loaded ({err}); delete the .keras files in {models_dir} "
-                "and run `python tools/fetch_models.py` again."
+                "and run `python -m tools.fetch_models` (tools/fetch_models.py) again."
             ) from err
         self.scales = tuple(spec.scale for spec in ANTI_SPOOF_MODELS)
         first, second = models

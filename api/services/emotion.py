@@ -29,7 +29,7 @@ FACE_SIZE = 48
 
 # Where the five landmarks of a FER2013 face lie in its 48x48 image: the mean over the 3,361 of the 3,543
 # PublicTest images in which YuNet (run on the image upscaled to 300 px) found a face, made left-right
-# symmetric. Printed by `python tools/eval_emotion.py --measure-template`. FER2013 faces are only loosely
+# symmetric. Printed by `python -m tools.eval_emotion --measure-template`. FER2013 faces are only loosely
 # aligned (3.1-4.8 px standard deviation per coordinate), so this is the centre of what the models were
 # trained on, not an exact registration.
 FER_TEMPLATE = np.array(
@@ -47,7 +47,7 @@ FER_BOX_CENTRE = (24.08, 24.56)
 FER_BOX_SIDE = 42.48
 # Field of view of the crop relative to FER2013's framing (1.0 = the template above; 1.2 = a 20% wider
 # view, the face smaller in the crop), for the landmark crop and for the box-only fallback. Chosen with
-# `python tools/eval_emotion.py --crop-sweep 0.8,0.9,1.0,1.1,1.2` by its stated rule (PublicTest faces
+# `python -m tools.eval_emotion --crop-sweep 0.8,0.9,1.0,1.1,1.2` by its stated rule (PublicTest faces
 # upscaled and re-cropped decide within half a point, the labelled photos break ties); the measured
 # figures are in resources/emotion_model.md ("Face crop for photos").
 DEFAULT_CROP_MARGIN = 1.0
@@ -157,7 +157,7 @@ class KerasEmotionClassifier:
         path = Path(path)
         if not path.is_file():
             raise ModelUnavailableError(
-                f"emotion model {path} is missing; train it with `python tools/train_emotion.py`",
+                f"emotion model {path} is missing; train it with `python -m tools.train_emotion`",
                 path=str(path),
             )
         if precision not in ("auto", "float32", "bfloat16"):

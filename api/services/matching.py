@@ -52,6 +52,42 @@ class Calibration:
             source=data.get("source", ""),
         )
 
+    @classmethod
+    def from_impostor_scores(
+        cls,
+        model_id: str,
+        impostor_similarity: np.ndarray,
+        fmr: np.ndarray,
+        *,
+        source: str = "",
+        compare_fmr: float = 1e-3,
+        identify_fpir: float = 0.01,
+    ) -> Calibration:
+        """The table measured on these impostor comparisons: at each false-match rate in ``fmr`` (ascending),
+        the similarity that this fraction of the comparisons reaches."""
+        ranked = np.sort(np.asarray(impostor_similarity, np.float64).ravel())[::-1]
+        if ranked.size == 0:
+            raise ValueError("no impostor comparisons to calibrate on")
+        rates = np.asarray(fmr, np.float64)
+        similarity = np.array([ranked[min(int(rate * ranked.size), ranked.size - 1)] for rate in rates])
+        return cls(model_id, rates, similarity, compare_fmr, identify_fpir, source)
+
+    def save(self, path: Path) -> None:
+        """Write the JSON that :meth:`load` reads (similarities to 6 decimals), creating the folder if needed."""
+        payload = {
+            "model_id": self.model_id,
+            "source": self.source,
+            "compare_fmr": float(self.compare_fmr),
+            "identify_fpir": float(self.identify_fpir),
+            "impostor_tail": {
+                "fmr": [float(f) for f in self.fmr],
+                "similarity": [round(float(s), 6) for s in self.similarity],
+            },
+        }
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(payload, indent=2) + "\n")
+
     def threshold_at_fmr(self, fmr: float) -> float:
         """Similarity threshold whose false-match rate per comparison is ``fmr`` (log-interpolated)."""
         log_fmr = np.log10(np.clip(fmr, self.fmr[0], self.fmr[-1]))

@@ -40,7 +40,7 @@ def _pth(stem: str) -> Path:
     for folder in (REPO / "resources" / "anti_spoof_models", SHARED / "models" / "anti_spoof"):
         if (folder / f"{stem}.pth").is_file():
             return folder / f"{stem}.pth"
-    pytest.skip(f"{stem}.pth absent: run `python tools/fetch_models.py` (or set FACE_MODELS_MIRROR) first")
+    pytest.skip(f"{stem}.pth absent: run `python -m tools.fetch_models` (or set FACE_MODELS_MIRROR) first")
 
 
 @pytest.fixture(scope="module")

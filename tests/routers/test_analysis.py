@@ -18,9 +18,8 @@ from PIL import Image
 
 from api.config import Settings
 from api.services.emotion import EMOTION_LABELS
-from tests.routers.test_recognition import IMAGE_ERRORS, error_of
-
-JPEG = "image/jpeg"
+from tests.helpers import JPEG, error_of
+from tests.routers.test_recognition import IMAGE_ERRORS
 
 
 def post_image(client: TestClient, path: str, data: bytes, name: str = "face.jpg", **form: Any) -> httpx.Response:

@@ -14,8 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api import __version__
-
-JPEG = "image/jpeg"
+from tests.helpers import JPEG
 
 
 def test_root_reports_status_version_readiness_users_and_models(client: TestClient, astronaut_jpeg: bytes) -> None:

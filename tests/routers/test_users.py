@@ -14,16 +14,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-JPEG = "image/jpeg"
+from tests.helpers import JPEG, error_of
+
 UNKNOWN_ID = "0" * 32
-
-
-def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code, body
-    assert body["error"]["message"]
-    return body["error"]
 
 
 def register(client: TestClient, name: str, *files: bytes, allow_duplicate: bool = False) -> dict[str, Any]:

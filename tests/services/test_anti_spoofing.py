@@ -79,7 +79,7 @@ def test_missing_models_give_a_clear_error(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def anti_spoofing() -> MiniFASNetAntiSpoofing:
     if not all((MODELS_DIR / f"{stem}.keras").is_file() for stem in REFERENCE["models"]):
-        pytest.skip(f"no converted models in {MODELS_DIR}: run `python tools/fetch_models.py` first")
+        pytest.skip(f"no converted models in {MODELS_DIR}: run `python -m tools.fetch_models` first")
     return MiniFASNetAntiSpoofing(MODELS_DIR)
 
 

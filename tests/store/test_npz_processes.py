@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from api.store.npz import NpzFaceStore
+from tests.helpers import JPEG
 
-JPEG = "image/jpeg"
 ROUNDS = 25  # of 8 concurrent requests on fresh connections, until both workers have answered
 
 

@@ -16,9 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from tests.helpers import JPEG
 from tests.store.conftest import LocalPostgres
 
-JPEG = "image/jpeg"
 # pgserver's local server trusts socket connections, so a password in the URL is accepted and ignored: it
 # stands for a real one, and must never show up in a response or a log line.
 PASSWORD = "pw-never-shown-4711"
