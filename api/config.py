@@ -19,6 +19,8 @@ class ApiKeyEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     # The collections this key may use; None (absent) = all of them.
     collections: list[Annotated[str, Field(pattern=COLLECTION_NAME_PATTERN)]] | None = None
+    # This key's own rate limit (e.g. "100/minute"), instead of FACE_RATE_LIMIT.
+    rate_limit: str | None = None
 
 
 class Settings(BaseSettings):
@@ -64,18 +66,26 @@ class Settings(BaseSettings):
         return None if isinstance(value, str) and not value.strip() else value
 
     # --- serving -------------------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
     inference_threads: int = Field(2, ge=1)
     inference_timeout_s: float = 30.0
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_files_per_request: int = 10
+    demo: bool | None = Field(
+        None, description="Serve the demo page at /demo; None = in development and test, not in production"
+    )
 
     # --- access and data safety --------------------------------------------------------------------
     # JSON list, e.g. FACE_API_KEYS='[{"name": "app", "scope": "client", "sha256": "..."}]'. With none, the
     # service answers only clients on a loopback address.
     api_keys: list[ApiKeyEntry] = Field(default_factory=list)
-    rate_limit: str = Field("120/minute", description="Per API key, or per client address when open")
+    # Off by default: a frontend behind one proxy address must not be capped. An operator's choice, for all
+    # callers (e.g. "600/minute": per key, or per client address when open) or per key (ApiKeyEntry.rate_limit).
+    rate_limit: str | None = Field(None, description="Requests per caller, e.g. 600/minute; unset = no limit")
+    # Failed authentications (401) per client address before that address gets 429s: against key guessing.
+    auth_failure_limit: str | None = Field("20/minute", description="401 answers per client address; unset = off")
     audit_log_path: Path | None = REPO_ROOT / "audit.log"
     # Fernet key (32 url-safe base64 bytes) to encrypt the store at rest; see `python -m api.keys store-key`.
     store_encryption_key: str | None = Field(None, repr=False)

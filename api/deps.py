@@ -10,7 +10,13 @@ from fastapi.security import APIKeyHeader
 
 from api.composition import Models
 from api.config import Settings
-from api.errors import FaceServiceError, ImageTooLargeError, ModelUnavailableError, TooManyFilesError
+from api.errors import (
+    AuthenticationError,
+    FaceServiceError,
+    ImageTooLargeError,
+    ModelUnavailableError,
+    TooManyFilesError,
+)
 from api.security import API_KEY_HEADER, AuditLog, Authenticator, Caller, RateLimiter
 from api.services.analysis import AntiSpoofingAnalyzer, EmotionAnalyzer
 from api.services.inference import InferenceRunner
@@ -110,7 +116,13 @@ def get_caller(
     rate_limiter: Annotated[RateLimiter, Depends(get_rate_limiter)],
     key: Annotated[str | None, Security(api_key_header)],
 ) -> Caller:
-    caller = authenticator.identify(key, request.client.host if request.client else None)
+    host = request.client.host if request.client else None
+    rate_limiter.refuse_blocked_address(host)
+    try:
+        caller = authenticator.identify(key, host)
+    except AuthenticationError:
+        rate_limiter.record_auth_failure(host)
+        raise
     rate_limiter.check(caller)
     return caller
 
@@ -157,6 +169,15 @@ SpoofCheckFlag = Annotated[
     Form(
         alias="liveness",
         description="Reject photos and screen replays (422 SPOOF_DETECTED); default: FACE_REQUIRE_LIVENESS",
+    ),
+]
+
+
+FaceCropFlag = Annotated[
+    bool,
+    Form(
+        description="The image is already cropped to one face (by the client's own detector): detection only "
+        "looks inside it and the whole image is that face; never NO_FACE or MULTIPLE_FACES."
     ),
 ]
 

@@ -19,8 +19,10 @@ from api.composition import load_models
 from api.config import Settings
 from api.docs_pages import add_offline_docs
 from api.errors import FaceServiceError, StoreUnavailableError, error_response
-from api.middleware import UploadLimitMiddleware
-from api.routers import analysis, collections, health, recognition, users
+from api.logs import configure_logging
+from api.middleware import RequestContextMiddleware, UploadLimitMiddleware
+from api.routers import analysis, collections, demo, health, recognition, users
+from api.routers import metrics as metrics_router
 from api.security import AuditLog, Authenticator, RateLimiter, check_startup_security
 from api.services.inference import InferenceRunner
 from api.state import AppState, ModelLoading
@@ -41,6 +43,9 @@ async def _load_in_background(settings: Settings, loading: ModelLoading) -> None
         loading.models = await anyio.to_thread.run_sync(load_models, settings)
         loading.ready_after_s = time.monotonic() - loading.started_at
         logger.info("Models loaded and warmed in %.1f s", loading.ready_after_s)
+        from api import metrics
+
+        metrics.MODEL_LOAD_SECONDS.set(loading.ready_after_s)
     except Exception as exc:  # keep serving /health with the reason rather than dying silently
         loading.error = f"{type(exc).__name__}: {exc}"
         logger.exception("Loading the models failed")
@@ -48,9 +53,9 @@ async def _load_in_background(settings: Settings, loading: ModelLoading) -> None
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app, built from ``settings`` (the environment when None). Nothing happens at import time: serve it
-    with ``uvicorn --factory api.main:create_app`` (or ``api.asgi:app``)."""
+    with ``uvicorn --factory api.main:create_app``."""
     settings = settings or Settings()
-    configure_logging()  # a no-op when the server (or a test runner) configured logging already
+    configure_logging(settings.log_format)  # keeps handlers a server or test runner configured already
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store=store,
             runner=InferenceRunner(settings.inference_threads, settings.inference_timeout_s),
             authenticator=Authenticator(settings.api_keys),
-            rate_limiter=RateLimiter(settings.rate_limit),
+            rate_limiter=RateLimiter(settings.rate_limit, settings.auth_failure_limit),
             audit=AuditLog(settings.audit_log_path),
         )
         app.state.face = state
@@ -90,7 +95,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     add_offline_docs(app)
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    for router in (health.router, recognition.router, users.router, collections.router, analysis.router):
+    app.add_middleware(RequestContextMiddleware)  # outermost: ids and metrics cover the 413s too
+    for router in (
+        health.router,
+        recognition.router,
+        users.router,
+        collections.router,
+        analysis.router,
+        metrics_router.router,
+        *demo.routers(settings),  # /demo: development and test, or FACE_DEMO=true
+    ):
         app.include_router(router)
 
     @app.exception_handler(FaceServiceError)
@@ -120,17 +134,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def configure_logging() -> None:
-    """Plain log lines for a server run; importing this module configures nothing."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
 def __getattr__(name: str) -> FastAPI:
     """``api.main:app`` for servers that want a module-level app (``uvicorn api.main:app``, gunicorn): built
     from the environment on first access, not at import (PEP 562), so importing this module has no side
     effects. ``uvicorn --factory api.main:create_app`` is the same without the module attribute."""
     if name != "app":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    configure_logging()
     app = globals()["app"] = create_app()
     return app

@@ -39,6 +39,7 @@ class Caller:
     identity: str
     scope: str
     collections: frozenset[str] | None = None  # None: every collection
+    rate_limit: str | None = None  # the key's own limit, instead of FACE_RATE_LIMIT
 
     def may_use(self, collection: str) -> bool:
         return self.collections is None or collection in self.collections
@@ -81,7 +82,8 @@ class Authenticator:
                 found = entry
         if found is None:
             raise AuthenticationError("Unknown API key.")
-        return Caller(found.name, found.scope, None if found.collections is None else frozenset(found.collections))
+        collections = None if found.collections is None else frozenset(found.collections)
+        return Caller(found.name, found.scope, collections, found.rate_limit)
 
     @staticmethod
     def authorise(caller: Caller, needed: str) -> None:
@@ -96,20 +98,45 @@ class Authenticator:
 
 
 class RateLimiter:
-    """A moving window per caller, from the ``limits`` package; counts are kept per worker process."""
+    """Moving windows from the ``limits`` package; counts are kept per worker process.
 
-    def __init__(self, rate: str) -> None:
-        self.item = parse_rate(rate)
+    * Requests per caller: the caller's own key limit, else ``rate`` for everyone (per key, or per client
+      address when open); no limit when neither is set, the default: a frontend behind one proxy address
+      must not be capped out of the box.
+    * Failed authentications per client address (``auth_failures``): an address that keeps presenting wrong
+      keys gets 429 until its window clears, whatever key it sends meanwhile.
+    """
+
+    def __init__(self, rate: str | None, auth_failures: str | None = None) -> None:
+        self.item = parse_rate(rate) if rate else None
+        self.auth_failures = parse_rate(auth_failures) if auth_failures else None
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._per_key: dict[str, object] = {}
 
     def check(self, caller: Caller) -> None:
-        if not self._limiter.hit(self.item, caller.identity):
-            reset_at, _ = self._limiter.get_window_stats(self.item, caller.identity)
-            retry_after = max(1, math.ceil(reset_at - datetime.now(UTC).timestamp()))
-            raise RateLimitedError(
-                f"Too many requests: the limit is {self.item}. Retry after {retry_after} s.",
-                retry_after_s=retry_after,
-            )
+        item = self._per_key_item(caller.rate_limit) if caller.rate_limit else self.item
+        if item is not None and not self._limiter.hit(item, "caller", caller.identity):
+            raise self._limited(item, ("caller", caller.identity), "Too many requests")
+
+    def refuse_blocked_address(self, host: str | None) -> None:
+        """429 for an address whose failed authentications filled their window."""
+        if self.auth_failures is not None and not self._limiter.test(self.auth_failures, "auth", host or "-"):
+            raise self._limited(self.auth_failures, ("auth", host or "-"), "Too many failed authentications")
+
+    def record_auth_failure(self, host: str | None) -> None:
+        if self.auth_failures is not None:
+            self._limiter.hit(self.auth_failures, "auth", host or "-")
+
+    def _per_key_item(self, rate: str) -> object:
+        item = self._per_key.get(rate)
+        if item is None:
+            item = self._per_key[rate] = parse_rate(rate)
+        return item
+
+    def _limited(self, item: object, keys: tuple[str, str], what: str) -> RateLimitedError:
+        reset_at, _ = self._limiter.get_window_stats(item, *keys)
+        retry_after = max(1, math.ceil(reset_at - datetime.now(UTC).timestamp()))
+        return RateLimitedError(f"{what}: the limit is {item}. Retry after {retry_after} s.", retry_after_s=retry_after)
 
 
 class AuditLog:

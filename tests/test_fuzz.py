@@ -37,9 +37,9 @@ from schemathesis.checks import not_a_server_error
 from api.config import ApiKeyEntry, Settings
 from api.main import create_app
 from api.security import API_KEY_HEADER, AuditLog, Authenticator, RateLimiter, hash_key
+from tests.helpers import JPEG
 
 FUZZ_KEY = secrets.token_urlsafe(32)
-JPEG = "image/jpeg"
 # Per operation (13 operations); schemathesis adds its explicit-example and coverage cases on top.
 DEFAULT_EXAMPLES = 8
 LONG_EXAMPLES = 100

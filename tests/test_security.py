@@ -38,9 +38,9 @@ from api.deps import get_audit, get_authenticator, get_rate_limiter
 from api.main import create_app
 from api.security import API_KEY_HEADER, AuditLog, Authenticator, RateLimiter, check_startup_security, hash_key
 from api.store.npz import NpzFaceStore
+from tests.helpers import JPEG, error_of
 
 REPO = Path(__file__).resolve().parents[1]
-JPEG = "image/jpeg"
 UNKNOWN_ID = "0" * 32
 ADMIN_KEY = secrets.token_urlsafe(32)
 CLIENT_KEY = secrets.token_urlsafe(32)
@@ -79,14 +79,6 @@ def secured(client: TestClient, client_store: NpzFaceStore, overrides: Any, tmp_
     secured = Secured(client, audit_path, client_store, overrides)
     secured.use(keys=KEYS, rate="100000/minute")
     return secured
-
-
-def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 def key(value: str | None) -> dict[str, str]:

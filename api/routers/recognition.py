@@ -7,8 +7,10 @@ from fastapi import APIRouter, File, Form, UploadFile, status
 from api.deps import (
     AdminDep,
     AuditDep,
+    AuthenticatorDep,
     ClientDep,
     CollectionDep,
+    FaceCropFlag,
     RecognitionDep,
     RunnerDep,
     SettingsDep,
@@ -53,10 +55,18 @@ async def register(
     files: Annotated[list[UploadFile], File(description="One or more face photos (repeat the field)")],
     allow_duplicate: Annotated[bool, Form()] = False,
     spoof_check: SpoofCheckFlag = None,
+    face_crop: FaceCropFlag = False,
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     outcome = await runner.run(
-        recognition.register, store, name, uploads, allow_duplicate, refuse_spoofs(settings, spoof_check), collection
+        recognition.register,
+        store,
+        name,
+        uploads,
+        allow_duplicate,
+        refuse_spoofs(settings, spoof_check),
+        collection,
+        face_crop,
     )
     audit.record(caller, "register", outcome.user.id, collection=collection, faces=outcome.user.faces)
     return register_result(outcome)
@@ -73,20 +83,31 @@ async def register(
     responses=error_responses(401, 403, 413, 415, 422, 429, 503),
 )
 async def verify(
-    _: ClientDep,
+    caller: ClientDep,
     recognition: RecognitionDep,
     store: StoreDep,
     runner: RunnerDep,
     settings: SettingsDep,
+    authenticator: AuthenticatorDep,
     collection: CollectionDep,
     file: Annotated[UploadFile, File(description="A photo with the face to identify")],
     threshold: ThresholdField = None,
-    top_k: Annotated[int, Form(ge=1, le=100, description="How many candidates to list")] = 5,
+    top_k: Annotated[int, Form(ge=1, le=100, description="How many candidates to list at most")] = 5,
+    include_below_threshold: Annotated[
+        bool,
+        Form(
+            description="Also list candidates below the threshold (admin scope only): by default only matches "
+            "are named, so that a client cannot learn who is registered from arbitrary photos."
+        ),
+    ] = False,
     spoof_check: SpoofCheckFlag = None,
+    face_crop: FaceCropFlag = False,
 ) -> VerifyResult:
+    if include_below_threshold:
+        authenticator.authorise(caller, "admin")
     upload = await read_upload(file, settings)
     outcome = await runner.run(
-        recognition.verify, store, upload, threshold, top_k, refuse_spoofs(settings, spoof_check), collection
+        recognition.verify, store, upload, threshold, top_k, refuse_spoofs(settings, spoof_check), collection, face_crop
     )
     best = outcome.best
     return VerifyResult(
@@ -98,6 +119,7 @@ async def verify(
         candidates=[
             MatchCandidate(id=c.user_id, name=c.name, similarity=round(c.similarity, 6), distance=round(c.distance, 6))
             for c in outcome.candidates
+            if include_below_threshold or c.similarity >= outcome.threshold
         ],
         face=face_box(outcome.face),
     )
@@ -118,9 +140,12 @@ async def compare(
     image2: Annotated[UploadFile, File()],
     threshold: ThresholdField = None,
     spoof_check: SpoofCheckFlag = None,
+    face_crop: FaceCropFlag = False,
 ) -> CompareResult:
     first, second = await read_upload(image1, settings, 1), await read_upload(image2, settings, 2)
-    outcome = await runner.run(recognition.compare, first, second, threshold, refuse_spoofs(settings, spoof_check))
+    outcome = await runner.run(
+        recognition.compare, first, second, threshold, refuse_spoofs(settings, spoof_check), face_crop
+    )
     return CompareResult(
         verified=outcome.verified,
         similarity=round(outcome.similarity, 6),

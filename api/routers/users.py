@@ -9,6 +9,7 @@ from api.deps import (
     AdminDep,
     AuditDep,
     CollectionDep,
+    FaceCropFlag,
     RecognitionDep,
     RunnerDep,
     SettingsDep,
@@ -91,6 +92,7 @@ async def add_faces(
     files: Annotated[list[UploadFile], File(description="One or more face photos of this user")],
     allow_duplicate: Annotated[bool, Form()] = False,
     spoof_check: SpoofCheckFlag = None,
+    face_crop: FaceCropFlag = False,
 ) -> RegisterResult:
     uploads = await read_uploads(files, settings)
     outcome = await runner.run(
@@ -101,6 +103,7 @@ async def add_faces(
         allow_duplicate,
         refuse_spoofs(settings, spoof_check),
         collection,
+        face_crop,
     )
     audit.record(caller, "add_faces", user_id, collection=collection, faces=outcome.user.faces)
     return register_result(outcome)

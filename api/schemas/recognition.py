@@ -23,7 +23,10 @@ class VerifyResult(BaseModel):
     similarity: float | None = Field(None, description="Best candidate's similarity in [0, 1] (higher = more alike)")
     distance: float | None = Field(None, description="Euclidean distance of unit descriptors, monotone in similarity")
     threshold: float = Field(description="The threshold applied, in similarity units")
-    candidates: list[MatchCandidate]
+    candidates: list[MatchCandidate] = Field(
+        description="Up to top_k users at or above the threshold, best first (below it too when "
+        "include_below_threshold=true)"
+    )
     face: FaceBox
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,11 +16,36 @@ from api.services.embedding import FaceEmbedder, build_embedder
 
 FaceSelection = Literal["largest", "central", "single"]
 
+# Where YuNet puts the five landmarks inside its own box, as fractions of the box's width and height: the median
+# over 600 LFW faces, image-left and image-right points averaged (eyes, nose tip, mouth corners). A face crop
+# without a detectable face is aligned with these, taking the whole crop as the box.
+BOX_LANDMARK_TEMPLATE = np.array(
+    [[0.259, 0.386], [0.741, 0.386], [0.500, 0.592], [0.290, 0.742], [0.710, 0.742]], np.float32
+)
+# A tight crop leaves the detector no context around the face: it looks at a copy with this much border added.
+CROP_BORDER = 0.25
+# A face found in a crop must fill a good part of it to be the crop's face (not one in its background).
+CROP_FACE_MIN_FRACTION = 0.3
+
 
 @dataclass(frozen=True)
 class EmbeddedFace:
     face: DetectedFace
     embedding: np.ndarray  # (dimension,) float32, unit length
+
+
+def central_face_index(boxes: Sequence[tuple[float, float, float, float]], image_shape: tuple[int, ...]) -> int:
+    """Index of the box whose centre is nearest the image's centre (the first such box on a tie).
+
+    The ``"central"`` selection rule: on LFW the named person is the one in the middle of the crop. Boxes are
+    ``(x, y, width, height)`` in pixels of an image of shape ``(height, width, ...)``; at least one is needed.
+    """
+    if not boxes:
+        raise ValueError("central_face_index needs at least one box")
+    height, width = image_shape[:2]
+    centre = np.array([width / 2.0, height / 2.0])
+    distances = [float(np.hypot(*(np.array([x + w / 2, y + h / 2]) - centre))) for x, y, w, h in boxes]
+    return int(np.argmin(distances))
 
 
 class FaceEngine:
@@ -71,13 +97,33 @@ class FaceEngine:
                 )
             return usable[0]
         if selection == "central":
-            height, width = image_rgb.shape[:2]
-            centre = np.array([width / 2.0, height / 2.0])
-            return min(
-                usable,
-                key=lambda f: float(np.hypot(*(np.array([f.box[0] + f.box[2] / 2, f.box[1] + f.box[3] / 2]) - centre))),
-            )
+            return usable[central_face_index([face.box for face in usable], image_rgb.shape)]
         return usable[0]  # detectors return faces largest first
+
+    def face_of_crop(self, image_rgb: np.ndarray) -> DetectedFace:
+        """The face of an image that a client already cropped to one face (``face_crop=true``): what the
+        detector finds in it, looking at a copy with a replicated border; else the whole image with the
+        template landmarks. Never NO_FACE or MULTIPLE_FACES; FACE_TOO_SMALL when the crop itself is small."""
+        import cv2
+
+        height, width = image_rgb.shape[:2]
+        if min(height, width) < self.min_face_size:
+            raise FaceTooSmallError(
+                f"The face crop is too small ({min(height, width)} px); at least {self.min_face_size} px is needed.",
+                face_size=min(height, width),
+                min_face_size=self.min_face_size,
+            )
+        border = round(max(height, width) * CROP_BORDER)
+        padded = cv2.copyMakeBorder(image_rgb, border, border, border, border, cv2.BORDER_REPLICATE)
+        for face in self.detect(padded):  # largest first
+            x, y, w, h = face.box
+            centre_x, centre_y = x + w / 2 - border, y + h / 2 - border
+            inside = 0 <= centre_x < width and 0 <= centre_y < height
+            if inside and face.size >= CROP_FACE_MIN_FRACTION * min(height, width):
+                landmarks = None if face.landmarks is None else face.landmarks - np.float32(border)
+                return DetectedFace((x - border, y - border, w, h), face.score, landmarks)
+        template = BOX_LANDMARK_TEMPLATE * np.array([width, height], np.float32)
+        return DetectedFace((0.0, 0.0, float(width), float(height)), 0.0, template)
 
     def represent(self, image_rgb: np.ndarray, selection: FaceSelection = "largest") -> EmbeddedFace:
         faces = self.detect(image_rgb)

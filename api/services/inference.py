@@ -9,6 +9,7 @@ from typing import ParamSpec, TypeVar
 import anyio
 import anyio.to_thread
 
+from api import metrics
 from api.errors import InferenceTimeoutError
 
 P = ParamSpec("P")
@@ -27,6 +28,7 @@ class InferenceRunner:
         self.timeout_s = timeout_s
 
     async def run(self, function: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        metrics.INFERENCE_QUEUE.inc()  # waiting for a thread, then running
         try:
             with anyio.fail_after(self.timeout_s):
                 return await anyio.to_thread.run_sync(
@@ -37,3 +39,5 @@ class InferenceRunner:
                 f"The request took longer than {self.timeout_s:g} s and was abandoned; try again later.",
                 timeout_s=self.timeout_s,
             ) from None
+        finally:
+            metrics.INFERENCE_QUEUE.dec()

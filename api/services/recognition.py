@@ -19,6 +19,7 @@ from api.errors import (
     NoFaceError,
     SpoofDetectedError,
 )
+from api.metrics import stage
 from api.services.anti_spoofing import MiniFASNetAntiSpoofing
 from api.services.detection import DetectedFace
 from api.services.engine import FaceEngine, FaceSelection
@@ -123,11 +124,20 @@ class RecognitionService:
         return configured if configured is not None else self.calibration.identify_threshold(comparisons)
 
     # --- shared steps -----------------------------------------------------------------------------------
-    def find_face(self, upload: ImageUpload, selection: FaceSelection, refuse_spoofs: bool) -> FoundFace:
-        image = decode_image(upload.data, self.settings.max_image_pixels)
-        face = self.engine.select_face(image, self.engine.detect(image), selection)
+    def find_face(
+        self, upload: ImageUpload, selection: FaceSelection, refuse_spoofs: bool, face_crop: bool = False
+    ) -> FoundFace:
+        """``face_crop``: the client cropped the image to one face; the whole image is that face."""
+        with stage("decode"):
+            image = decode_image(upload.data, self.settings.max_image_pixels)
+        with stage("detect"):
+            if face_crop:
+                face = self.engine.face_of_crop(image)
+            else:
+                face = self.engine.select_face(image, self.engine.detect(image), selection)
         if refuse_spoofs:
-            self.refuse_spoof(image, face)
+            with stage("anti_spoofing"):
+                self.refuse_spoof(image, face)
         return FoundFace(upload, image, face)
 
     def refuse_spoof(self, image: np.ndarray, face: DetectedFace) -> None:
@@ -146,16 +156,18 @@ class RecognitionService:
             )
 
     def _embed_found(self, found: list[FoundFace]) -> np.ndarray:
-        chips = np.concatenate([self.engine.align(f.image, [f.face]) for f in found])
-        return self.engine.embed_chips(chips)
+        with stage("align"):
+            chips = np.concatenate([self.engine.align(f.image, [f.face]) for f in found])
+        with stage("embed"):
+            return self.engine.embed_chips(chips)
 
     def _collect(
-        self, uploads: list[ImageUpload], refuse_spoofs: bool
+        self, uploads: list[ImageUpload], refuse_spoofs: bool, face_crop: bool = False
     ) -> tuple[list[FoundFace], list[tuple[str, FaceServiceError]]]:
         found, rejected = [], []
         for upload in uploads:
             try:
-                found.append(self.find_face(upload, "single", refuse_spoofs))
+                found.append(self.find_face(upload, "single", refuse_spoofs, face_crop))
             except SpoofDetectedError as exc:
                 exc.details["file"] = upload.filename
                 raise  # a spoof in a registration stops it whole: nothing from it is stored
@@ -215,9 +227,10 @@ class RecognitionService:
         allow_duplicate: bool,
         refuse_spoofs: bool,
         collection: str = DEFAULT_COLLECTION,
+        face_crop: bool = False,
     ) -> RegisterOutcome:
         store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
-        found, rejected = self._collect(uploads, refuse_spoofs)
+        found, rejected = self._collect(uploads, refuse_spoofs, face_crop)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
         guard = None if allow_duplicate else self._refuse_duplicates
@@ -232,9 +245,10 @@ class RecognitionService:
         allow_duplicate: bool,
         refuse_spoofs: bool,
         collection: str = DEFAULT_COLLECTION,
+        face_crop: bool = False,
     ) -> RegisterOutcome:
         existing = store.embeddings_of(user_id, collection=collection)  # USER_NOT_FOUND before any inference
-        found, rejected = self._collect(uploads, refuse_spoofs)
+        found, rejected = self._collect(uploads, refuse_spoofs, face_crop)
         embeddings = self._embed_found(found)
         self._check_consistent(found, embeddings, np.asarray(existing, np.float32))
         guard = None if allow_duplicate else self._refuse_duplicates
@@ -249,11 +263,13 @@ class RecognitionService:
         top_k: int,
         refuse_spoofs: bool,
         collection: str = DEFAULT_COLLECTION,
+        face_crop: bool = False,
     ) -> VerifyOutcome:
         store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
-        found = self.find_face(upload, "largest", refuse_spoofs)
+        found = self.find_face(upload, "largest", refuse_spoofs, face_crop)
         embedding = self._embed_found([found])[0]
-        result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1), collection=collection)
+        with stage("search"):
+            result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1), collection=collection)
         applied = threshold if threshold is not None else self.identify_threshold(result.users)
         if not result.matches[0]:
             return VerifyOutcome(False, None, applied, [], found.face)
@@ -263,9 +279,14 @@ class RecognitionService:
         return VerifyOutcome(verified, best, applied, candidates[:top_k], found.face)
 
     def compare(
-        self, first: ImageUpload, second: ImageUpload, threshold: float | None, refuse_spoofs: bool
+        self,
+        first: ImageUpload,
+        second: ImageUpload,
+        threshold: float | None,
+        refuse_spoofs: bool,
+        face_crop: bool = False,
     ) -> CompareOutcome:
-        faces = [self.find_face(first, "largest", refuse_spoofs), self.find_face(second, "largest", refuse_spoofs)]
+        faces = [self.find_face(upload, "largest", refuse_spoofs, face_crop) for upload in (first, second)]
         embeddings = self._embed_found(faces)
         similarity = float(similarity_from_cosine(float(embeddings[0] @ embeddings[1])))
         applied = threshold if threshold is not None else self.compare_threshold
@@ -274,3 +295,41 @@ class RecognitionService:
     @staticmethod
     def _match(match: UserMatch) -> Match:
         return Match(match.user_id, match.name, float(similarity_from_cosine(match.cosine)))
+
+    # --- bulk enrolment (api.enrollment): register's steps, split so that embedding spans many people -------
+    def collect_faces(
+        self, uploads: list[ImageUpload], refuse_spoofs: bool
+    ) -> tuple[list[FoundFace], list[tuple[str, FaceServiceError]]]:
+        """Register's first step for one person: decode, detect, exactly one usable face per photo, and the
+        anti-spoofing gate, with register's rules (a spoof stops the person; no usable photo raises).
+
+        Public so that bulk enrolment can run it for several people at once in a thread pool: YuNet and
+        OpenCV release the GIL, so decoding and detection of different people overlap on every core.
+        """
+        return self._collect(uploads, refuse_spoofs)
+
+    def face_chips(self, found: list[FoundFace]) -> np.ndarray:
+        """The aligned chips of ``found``, in order: what ``engine.embed_chips`` takes. Bulk enrolment stacks
+        the chips of many people into one embedding batch, which costs about half as much per face as
+        embedding each person's one or two faces on their own (docs/benchmarks.md)."""
+        return np.concatenate([self.engine.align(f.image, [f.face]) for f in found])
+
+    def register_embedded(
+        self,
+        store: FaceStore,
+        name: str,
+        found: list[FoundFace],
+        rejected: list[tuple[str, FaceServiceError]],
+        embeddings: np.ndarray,
+        allow_duplicate: bool,
+        collection: str = DEFAULT_COLLECTION,
+    ) -> RegisterOutcome:
+        """Register's last steps for faces that were embedded elsewhere (``embeddings[i]`` is ``found[i]``'s
+        descriptor): the consistency check, then ``add_user`` with the duplicate check as its write guard, so
+        bulk enrolment stores exactly what ``POST /api/register`` would."""
+        if len(embeddings) != len(found):
+            raise ValueError(f"{len(found)} faces but {len(embeddings)} descriptors")
+        self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
+        guard = None if allow_duplicate else self._refuse_duplicates
+        user = store.add_user(name, embeddings, self.engine.model_id, collection=collection, guard=guard)
+        return RegisterOutcome(user, rejected)

@@ -16,8 +16,7 @@ from api.config import ApiKeyEntry
 from api.deps import get_audit, get_authenticator
 from api.security import AuditLog, Authenticator, hash_key
 from api.store import FaceStore
-
-JPEG = "image/jpeg"
+from tests.helpers import JPEG
 
 
 def error_code(response: httpx.Response, status: int) -> str:

@@ -20,10 +20,7 @@ from PIL import Image
 
 from api.config import Settings
 from api.main import create_app
-
-JPEG = "image/jpeg"
-ERROR_KEYS = {"code", "message", "details"}
-
+from tests.helpers import JPEG, error_of
 
 # --- helpers ---------------------------------------------------------------------------------------------
 
@@ -44,19 +41,6 @@ def compare(client: TestClient, first: bytes, second: bytes, **form: Any) -> htt
     return client.post(
         "/api/compare", data=form, files={"image1": ("a.jpg", first, JPEG), "image2": ("b.jpg", second, JPEG)}
     )
-
-
-def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    """The error body, after checking the status, the envelope and the code."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert {"code", "message"} <= set(error) <= ERROR_KEYS, error
-    assert error["code"] == code, error
-    assert isinstance(error["message"], str) and error["message"], error
-    assert isinstance(error.get("details", {}), dict), error
-    return error
 
 
 def created_user(response: httpx.Response, name: str, faces: int) -> dict[str, Any]:
@@ -390,7 +374,9 @@ def test_real_people_register_verify_compare_delete(client: TestClient, people: 
     user_b = created_user(register(client, "Person B", *list(b.items())[:2]), "Person B", faces=2)
     body = verify(client, b["img47.jpg"], top_k=5).json()
     assert body["verified"] is True and body["user"]["id"] == user_b["id"]
-    assert [c["id"] for c in body["candidates"]] == [user_b["id"], user_a["id"]]
+    assert [c["id"] for c in body["candidates"]] == [user_b["id"]]  # only matches are named
+    ranked = verify(client, b["img47.jpg"], top_k=5, include_below_threshold="true").json()  # admin (open mode)
+    assert [c["id"] for c in ranked["candidates"]] == [user_b["id"], user_a["id"]]
     body = verify(client, a["img5.jpg"], top_k=1).json()
     assert body["user"]["id"] == user_a["id"] and len(body["candidates"]) == 1
 
