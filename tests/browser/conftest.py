@@ -84,7 +84,10 @@ def fake_camera(tmp_path_factory: pytest.TempPathFactory, astronaut: np.ndarray)
     return write_y4m(tmp_path_factory.mktemp("camera") / "astronaut.y4m", astronaut)
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps an event loop running on the main thread while it is
+# open, and tests after the browser tests that call asyncio.run() would fail ("cannot be called from a running
+# event loop"). Starting Chromium again per module costs about a second.
+@pytest.fixture(scope="module")
 def browser(chromium_path: Path, fake_camera: Path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-dev.txt)")
 
