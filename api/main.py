@@ -134,6 +134,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def server_command(port: int, host: str = "127.0.0.1", workers: int = 1) -> list[str]:
+    """How to serve this app from another process (tools, tests): uvicorn with the app factory."""
+    import sys
+
+    command = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app", "--host", host]
+    command += ["--port", str(port)]
+    return command + (["--workers", str(workers)] if workers != 1 else [])
+
+
 def __getattr__(name: str) -> FastAPI:
     """``api.main:app`` for servers that want a module-level app (``uvicorn api.main:app``, gunicorn): built
     from the environment on first access, not at import (PEP 562), so importing this module has no side

@@ -11,7 +11,7 @@ import pytest
 # api first (conftest is imported before any test module): it pins thread pools before numpy, OpenCV or
 # TensorFlow load, so numpy is imported lazily below.
 import api  # noqa: F401
-from tests.helpers import jpeg_bytes
+from tests.helpers import jpeg_bytes, wait_for_server
 from tools.common import FACEDATA
 
 if TYPE_CHECKING:
@@ -309,10 +309,6 @@ def live_server(tmp_path: Path, keras_model_path: Path):
     import json
     import os
     import subprocess
-    import sys
-    import time
-
-    import httpx
 
     started: list[LiveServer] = []
     log_config = tmp_path / "log_config.json"
@@ -350,18 +346,9 @@ def live_server(tmp_path: Path, keras_model_path: Path):
             "FACE_RATE_LIMIT": "100000/minute",
             **env,
         }
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "api.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        command += ["--workers", str(workers), "--log-config", str(log_config)]
+        from api.main import server_command
+
+        command = [*server_command(port, workers=workers), "--log-config", str(log_config)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -369,18 +356,8 @@ def live_server(tmp_path: Path, keras_model_path: Path):
         server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
         started.append(server)
         path = "/health/ready" if wait_ready else "/health/live"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{server.log()[-3000:]}")
-            try:
-                if httpx.get(server.url + path, timeout=5).status_code == 200:
-                    return server
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"{path} did not answer 200 within {READY_TIMEOUT_S:.0f} s:\n{server.log()[-3000:]}")
-            time.sleep(0.25)
+        wait_for_server(process, server.url + path, server.log, READY_TIMEOUT_S)
+        return server
 
     yield start
     for server in started:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -34,3 +36,34 @@ def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def wait_for_server(process: Any, url: str, log: Callable[[], str], timeout_s: float = 180.0) -> None:
+    """Until ``url`` answers 200, failing the test at once if the server process exits or when it takes too
+    long (with the end of its log either way)."""
+    import httpx
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} did not answer 200 within {timeout_s:.0f} s:\n{log()[-3000:]}")
+        time.sleep(0.25)
+
+
+def report_line(request: Any, line: str) -> None:
+    """Show ``line`` in pytest's terminal report even with output captured (test figures worth keeping)."""
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or capture is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)

@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from api.store.npz import NpzFaceStore
-from tests.helpers import JPEG
+from tests.helpers import JPEG, report_line
 from tools.common import FACEDATA
 
 THREADS = 8
@@ -293,11 +293,7 @@ def concurrent_run(
         f"{len(final)} users at the end; requests per worker {sorted(pids.values())}; "
         f"ops {ops_s:.0f} s (start-up {ready_s:.0f} s)"
     )
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
+    report_line(request, line)
     print(line)
 
 

@@ -37,7 +37,7 @@ from schemathesis.checks import not_a_server_error
 from api.config import ApiKeyEntry, Settings
 from api.main import create_app
 from api.security import API_KEY_HEADER, AuditLog, Authenticator, RateLimiter, hash_key
-from tests.helpers import JPEG
+from tests.helpers import JPEG, report_line
 
 FUZZ_KEY = secrets.token_urlsafe(32)
 # Per operation (13 operations); schemathesis adds its explicit-example and coverage cases on top.
@@ -80,13 +80,7 @@ class Tally:
             f"{time.monotonic() - self.started:.0f} s; statuses {dict(sorted(self.statuses.items()))}; "
             f"503 MODEL_UNAVAILABLE (optional model off) {dict(self.model_off)}"
         )
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        capture = request.config.pluginmanager.get_plugin("capturemanager")
-        if reporter is None or capture is None:
-            print(line)
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
+        report_line(request, line)
 
 
 def without_lifespan(app: Any) -> Any:

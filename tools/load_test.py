@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from api.config import REPO_ROOT
+from api.main import server_command
 from api.store.npz import NpzFaceStore
 from tools.common import FACEDATA
 
@@ -124,17 +125,7 @@ def main() -> None:
     env = dict(os.environ, FACE_STORE_PATH=str(store_path))
     launched = time.perf_counter()
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "api.main:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        server_command(port),
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

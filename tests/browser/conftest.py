@@ -15,8 +15,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+
+from tests.helpers import wait_for_server
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = Path(os.environ.get("FACE_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -125,8 +125,6 @@ def server(chromium_path: Path, tmp_path_factory: pytest.TempPathFactory, keras_
     The same environment as ``tests/conftest.py``'s function-scoped ``live_server``, plus one admin key, so
     that the page's X-API-Key handling is exercised for real.
     """
-    import httpx
-
     folder = tmp_path_factory.mktemp("browser-server")
     api_key = secrets.token_urlsafe(24)
     keys = [{"name": "browser-tests", "scope": "admin", "sha256": hashlib.sha256(api_key.encode()).hexdigest()}]
@@ -144,26 +142,16 @@ def server(chromium_path: Path, tmp_path_factory: pytest.TempPathFactory, keras_
         "FACE_RATE_LIMIT": "100000/minute",
     }
     environment.pop("FACE_DEMO", None)
-    command = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app"]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    from api.main import server_command
+
+    command = server_command(port)
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     running = BrowserServer(f"http://127.0.0.1:{port}", api_key, process, log_path)
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"the server exited with {process.returncode}:\n{running.log()[-3000:]}")
-            try:
-                if httpx.get(running.url + "/health/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready within {READY_TIMEOUT_S:.0f} s:\n{running.log()[-3000:]}")
-            time.sleep(0.25)
+        wait_for_server(process, running.url + "/health/ready", running.log, READY_TIMEOUT_S)
         yield running
     finally:
         if process.poll() is None:

@@ -115,26 +115,6 @@ def test_version_counts_every_write_and_persists(path: Path) -> None:
     assert store.version == 5
 
 
-def test_unicode_names_round_trip_exactly(path: Path) -> None:
-    names = [
-        "Zoë Ångström",
-        "李小龙",
-        "محمد عبد الله",  # right-to-left
-        "e\u0301 combining accent",  # not normalised: stored as given
-        "emoji 👩‍👩‍👧 family",
-        "trailing NUL\x00",  # numpy unicode arrays would drop this; JSON keeps it
-        "",
-        "quotes \" ' \\ and\nnewline",
-        "x" * 5000,
-    ]
-    store = NpzFaceStore(path)
-    ids = [store.add_user(name, vectors(i), "m").id for i, name in enumerate(names)]
-    again = NpzFaceStore(path)
-    assert [again.get(i).name for i in ids] == names
-    renamed = again.rename(ids[0], "Ωμέγα 🙂")
-    assert NpzFaceStore(path).get(renamed.id).name == "Ωμέγα 🙂"
-
-
 def test_ordering_and_paging(path: Path) -> None:
     store = NpzFaceStore(path)
     created = [store.add_user(f"user {i}", vectors(i), "m") for i in range(7)]
