@@ -7,6 +7,10 @@
 Each row is one input class sent to one endpoint, with the status and error code it got and those expected;
 the exit status is 1 when any row differs from its expectation or answers a 5xx. ``tests/test_fuzz.py``
 runs the same cases against the session app.
+
+The cases are data: ``CASES`` holds one ``Case`` per row, each naming its request declaratively (a ``Send``:
+method, url, which input goes in which file field, form fields, or a raw body with its headers); the payloads
+are named builders in ``INPUTS``, made on first use. ``Case.request()`` turns a case into httpx keyword arguments.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -103,45 +107,6 @@ def other_format(fmt: str) -> bytes:
     return _encode(Image.new("RGB", (64, 64), (10, 200, 30)), fmt)
 
 
-# --- the cases -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Case:
-    kind: str  # the input class
-    endpoint: str
-    request: Callable[[], dict[str, Any]]  # keyword arguments for httpx.Client.request
-    expected: tuple[int, str | None]  # status, error code (None: success)
-
-    @property
-    def optional_model(self) -> bool:
-        """Emotion and anti-spoofing answer 503 MODEL_UNAVAILABLE, before reading the file, when their model is off."""
-        return self.endpoint in ("POST /api/emotion", "POST /api/anti-spoof")
-
-
-def _files(field: str, data: bytes, name: str = "photo.jpg", media_type: str = JPEG) -> list[tuple]:
-    return [(field, (name, data, media_type))]
-
-
-def verify_with(data: bytes, name: str = "photo.jpg", media_type: str = JPEG, **form: str) -> Callable[[], dict]:
-    return lambda: {
-        "method": "POST",
-        "url": "/api/verify",
-        "files": _files("file", data, name, media_type),
-        "data": form,
-    }
-
-
-def register_with(data: bytes | list[bytes], name: str = "Bad Input", **form: str) -> Callable[[], dict]:
-    datas = data if isinstance(data, list) else [data]
-    return lambda: {
-        "method": "POST",
-        "url": "/api/register",
-        "data": {"name": name, "allow_duplicate": "true", **form},
-        "files": [("files", (f"f{i}.jpg", d, JPEG)) for i, d in enumerate(datas)],
-    }
-
-
 def _streamed(size: int) -> Iterator[bytes]:
     chunk = b"--x\r\n" + bytes((1 << 20) - 5)
     sent = 0
@@ -150,313 +115,251 @@ def _streamed(size: int) -> Iterator[bytes]:
         sent += len(chunk)
 
 
-def cases() -> list[Case]:
-    """Every input class, lazily built (the big inputs are made when a case runs)."""
-    photo = astronaut_jpeg
-    c: list[Case] = []
+MIB = 1024 * 1024
 
-    def add(kind: str, endpoint: str, request: Callable[[], dict], status: int, code: str | None) -> None:
-        c.append(Case(kind, endpoint, request, (status, code)))
+# Every payload a case sends, by name. Each is built on first use and kept (the big ones: the 20,000 px PNG
+# bomb, the 8000 px JPEG, the padded 10 MB and 11 MB photos), except the streamed body, which sending uses up,
+# so it is a fresh generator each time (it makes its 21 MB a chunk at a time).
+_BYTES: dict[str, Callable[[], bytes]] = {
+    "astronaut_jpeg": astronaut_jpeg,
+    "truncated_half": lambda: astronaut_jpeg()[: len(astronaut_jpeg()) // 2],
+    "truncated_200_bytes": lambda: astronaut_jpeg()[:200],
+    "empty": lambda: b"",
+    "random_bytes": lambda: bytes(range(256)) * 8,
+    "gif": lambda: other_format("GIF"),
+    "tiff": lambda: other_format("TIFF"),
+    "csv": lambda: b"name,face\nada,1\n",
+    "pdf": lambda: b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n",
+    "astronaut_png": png_of_astronaut,
+    "exif_rotated_jpeg": exif_rotated_jpeg,
+    "png_bomb_20000": png_bomb,
+    "jpeg_8000": huge_jpeg,
+    "jpeg_6000": lambda: huge_jpeg(6000),
+    "jpeg_plus_10_mib": lambda: astronaut_jpeg() + bytes(10 * MIB),
+    "jpeg_plus_11_mib": lambda: astronaut_jpeg() + bytes(11 * MIB),
+    "garbage": lambda: b"garbage",
+    "urlencoded_name": lambda: b"name=x",
+    "json_lone_surrogate": lambda: b'{"name": "a\\ud800b"}',
+}
+INPUTS: dict[str, Callable[[], bytes | Iterator[bytes]]] = {
+    **{name: cache(build) for name, build in _BYTES.items()},
+    "chunked_21_mib": lambda: _streamed(21 * MIB),
+}
 
+
+# --- the cases -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file part: the input named ``input`` (a key of INPUTS) in form field ``field``."""
+
+    field: str
+    input: str
+    filename: str = "photo.jpg"
+    media_type: str = JPEG
+
+
+@dataclass(frozen=True)
+class Send:
+    """A request, declaratively; ``url`` may hold ``{user_id}``. ``form=None`` sends no form fields at all."""
+
+    method: str
+    url: str
+    files: tuple[Upload, ...] = ()
+    form: Mapping[str, str] | None = None
+    json: Any = None
+    body: str | None = None  # a raw body: a key of INPUTS
+    headers: Mapping[str, str] | None = None
+
+
+def request_kwargs(send: Send) -> dict[str, Any]:
+    """The keyword arguments for httpx.Client.request (the url's ``{user_id}`` is left for run_case)."""
+    kwargs: dict[str, Any] = {"method": send.method, "url": send.url}
+    if send.files:
+        kwargs["files"] = [(u.field, (u.filename, INPUTS[u.input](), u.media_type)) for u in send.files]
+    if send.form is not None:
+        kwargs["data"] = dict(send.form)
+    if send.json is not None:
+        kwargs["json"] = send.json
+    if send.body is not None:
+        kwargs["content"] = INPUTS[send.body]()
+    if send.headers:
+        kwargs["headers"] = dict(send.headers)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # the input class
+    endpoint: str
+    send: Send
+    expected: tuple[int, str | None]  # status, error code (None: success)
+
+    def request(self) -> dict[str, Any]:
+        """Keyword arguments for httpx.Client.request."""
+        return request_kwargs(self.send)
+
+    @property
+    def optional_model(self) -> bool:
+        """Emotion and anti-spoofing answer 503 MODEL_UNAVAILABLE, before reading the file, when their model is off."""
+        return self.endpoint in ("POST /api/emotion", "POST /api/anti-spoof")
+
+
+# Shorthands for the common request shapes.
+
+
+def _numbered(inputs: tuple[str, ...]) -> tuple[Upload, ...]:
+    return tuple(Upload("files", name, f"f{i}.jpg") for i, name in enumerate(inputs))
+
+
+def verify(payload: str, filename: str = "photo.jpg", media_type: str = JPEG, **form: str) -> Send:
+    return Send("POST", "/api/verify", files=(Upload("file", payload, filename, media_type),), form=form)
+
+
+def register(*inputs: str, name: str = "Bad Input", **form: str) -> Send:
+    return Send(
+        "POST", "/api/register", files=_numbered(inputs), form={"name": name, "allow_duplicate": "true", **form}
+    )
+
+
+def upload(url: str, payload: str) -> Send:
+    return Send("POST", url, files=(Upload("file", payload),))
+
+
+PHOTO = "astronaut_jpeg"
+VERIFY, REGISTER, COMPARE = "POST /api/verify", "POST /api/register", "POST /api/compare"
+RENAME = "PATCH /api/users/{id}"
+INVALID_IMAGE, UNSUPPORTED = (422, "INVALID_IMAGE"), (415, "UNSUPPORTED_MEDIA_TYPE")
+TOO_LARGE, PAYLOAD_TOO_LARGE = (413, "IMAGE_TOO_LARGE"), (413, "PAYLOAD_TOO_LARGE")
+INVALID, BAD_REQUEST, TOO_MANY_FILES = (422, "VALIDATION_ERROR"), (400, "BAD_REQUEST"), (422, "TOO_MANY_FILES")
+OK, CREATED = (200, None), (201, None)
+
+CASES: tuple[Case, ...] = (
     # Broken image files.
-    add(
-        "truncated JPEG (first half)",
-        "POST /api/verify",
-        lambda: verify_with(photo()[: len(photo()) // 2])(),
-        422,
-        "INVALID_IMAGE",
-    )
-    add(
-        "truncated JPEG (first 200 bytes)",
-        "POST /api/register",
-        lambda: register_with(photo()[:200])(),
-        422,
-        "INVALID_IMAGE",
-    )
-    add("zero-byte file", "POST /api/verify", verify_with(b""), 422, "INVALID_IMAGE")
-    add("zero-byte file", "POST /api/register", register_with(b""), 422, "INVALID_IMAGE")
-    add(
-        "zero-byte file",
-        "POST /api/emotion",
-        lambda: {"method": "POST", "url": "/api/emotion", "files": _files("file", b"")},
-        422,
-        "INVALID_IMAGE",
-    )
-    add(
-        "random bytes",
-        "POST /api/anti-spoof",
-        lambda: {"method": "POST", "url": "/api/anti-spoof", "files": _files("file", bytes(range(256)) * 8)},
-        415,
-        "UNSUPPORTED_MEDIA_TYPE",
-    )
+    Case("truncated JPEG (first half)", VERIFY, verify("truncated_half"), INVALID_IMAGE),
+    Case("truncated JPEG (first 200 bytes)", REGISTER, register("truncated_200_bytes"), INVALID_IMAGE),
+    Case("zero-byte file", VERIFY, verify("empty"), INVALID_IMAGE),
+    Case("zero-byte file", REGISTER, register("empty"), INVALID_IMAGE),
+    Case("zero-byte file", "POST /api/emotion", upload("/api/emotion", "empty"), INVALID_IMAGE),
+    Case("random bytes", "POST /api/anti-spoof", upload("/api/anti-spoof", "random_bytes"), UNSUPPORTED),
     # Wrong types: judged by content, never by name or declared type.
-    add(
-        "wrong type: GIF",
-        "POST /api/verify",
-        lambda: verify_with(other_format("GIF"), "a.gif", "image/gif")(),
-        415,
-        "UNSUPPORTED_MEDIA_TYPE",
-    )
-    add(
-        "wrong type: TIFF named .jpg",
-        "POST /api/verify",
-        lambda: verify_with(other_format("TIFF"))(),
-        415,
-        "UNSUPPORTED_MEDIA_TYPE",
-    )
-    add(
+    Case("wrong type: GIF", VERIFY, verify("gif", "a.gif", "image/gif"), UNSUPPORTED),
+    Case("wrong type: TIFF named .jpg", VERIFY, verify("tiff"), UNSUPPORTED),
+    Case(
         "wrong type: text/CSV",
-        "POST /api/compare",
-        lambda: {
-            "method": "POST",
-            "url": "/api/compare",
-            "files": _files("image1", photo()) + _files("image2", b"name,face\nada,1\n", "a.csv", "text/csv"),
-        },
-        415,
-        "UNSUPPORTED_MEDIA_TYPE",
-    )
-    add(
-        "wrong type: PDF",
-        "POST /api/register",
-        register_with(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"),
-        415,
-        "UNSUPPORTED_MEDIA_TYPE",
-    )
-    add(
-        "PNG sent as image/jpeg named .jpg (accepted by content)",
-        "POST /api/verify",
-        lambda: verify_with(png_of_astronaut())(),
-        200,
-        None,
-    )
-    add(
-        "EXIF orientation 6 (stored sideways)",
-        "POST /api/verify",
-        lambda: verify_with(exif_rotated_jpeg(True))(),
-        200,
-        None,
-    )
+        COMPARE,
+        Send("POST", "/api/compare", files=(Upload("image1", PHOTO), Upload("image2", "csv", "a.csv", "text/csv"))),
+        UNSUPPORTED,
+    ),
+    Case("wrong type: PDF", REGISTER, register("pdf"), UNSUPPORTED),
+    Case("PNG sent as image/jpeg named .jpg (accepted by content)", VERIFY, verify("astronaut_png"), OK),
+    Case("EXIF orientation 6 (stored sideways)", VERIFY, verify("exif_rotated_jpeg"), OK),
     # Size limits.
-    add(
-        "decompression bomb: 20000x20000 PNG (~50 kB)",
-        "POST /api/verify",
-        lambda: verify_with(png_bomb())(),
-        413,
-        "IMAGE_TOO_LARGE",
-    )
-    add(
-        "decompression bomb: 20000x20000 PNG (~50 kB)",
-        "POST /api/register",
-        lambda: register_with(png_bomb())(),
-        413,
-        "IMAGE_TOO_LARGE",
-    )
-    add(
-        "8000x8000 JPEG (64 MP > 40 MP)", "POST /api/verify", lambda: verify_with(huge_jpeg())(), 413, "IMAGE_TOO_LARGE"
-    )
-    add(
-        "8000x8000 JPEG (64 MP > 40 MP)",
-        "POST /api/emotion",
-        lambda: {"method": "POST", "url": "/api/emotion", "files": _files("file", huge_jpeg())},
-        413,
-        "IMAGE_TOO_LARGE",
-    )
-    add(
-        "8000x8000 JPEG (64 MP > 40 MP)",
-        "POST /api/anti-spoof",
-        lambda: {"method": "POST", "url": "/api/anti-spoof", "files": _files("file", huge_jpeg())},
-        413,
-        "IMAGE_TOO_LARGE",
-    )
-    add("6000x6000 JPEG (36 MP: decoded)", "POST /api/verify", lambda: verify_with(huge_jpeg(6000))(), 422, "NO_FACE")
-    add(
-        "file over 10 MB (image byte limit)",
-        "POST /api/verify",
-        lambda: verify_with(photo() + bytes(10 * 1024 * 1024))(),
-        413,
-        "IMAGE_TOO_LARGE",
-    )
-    add(
+    Case("decompression bomb: 20000x20000 PNG (~50 kB)", VERIFY, verify("png_bomb_20000"), TOO_LARGE),
+    Case("decompression bomb: 20000x20000 PNG (~50 kB)", REGISTER, register("png_bomb_20000"), TOO_LARGE),
+    Case("8000x8000 JPEG (64 MP > 40 MP)", VERIFY, verify("jpeg_8000"), TOO_LARGE),
+    Case("8000x8000 JPEG (64 MP > 40 MP)", "POST /api/emotion", upload("/api/emotion", "jpeg_8000"), TOO_LARGE),
+    Case("8000x8000 JPEG (64 MP > 40 MP)", "POST /api/anti-spoof", upload("/api/anti-spoof", "jpeg_8000"), TOO_LARGE),
+    Case("6000x6000 JPEG (36 MP: decoded)", VERIFY, verify("jpeg_6000"), (422, "NO_FACE")),
+    Case("file over 10 MB (image byte limit)", VERIFY, verify("jpeg_plus_10_mib"), TOO_LARGE),
+    Case(
         "body over 20 MB (declared length)",
-        "POST /api/register",
-        lambda: register_with([photo() + bytes(11 * 1024 * 1024)] * 2)(),
-        413,
-        "PAYLOAD_TOO_LARGE",
-    )
-    add(
+        REGISTER,
+        register("jpeg_plus_11_mib", "jpeg_plus_11_mib"),
+        PAYLOAD_TOO_LARGE,
+    ),
+    Case(
         "body over 20 MB (chunked, no length)",
-        "POST /api/verify",
-        lambda: {
-            "method": "POST",
-            "url": "/api/verify",
-            "content": _streamed(21 * 1024 * 1024),
-            "headers": {"content-type": "multipart/form-data; boundary=x"},
-        },
-        413,
-        "PAYLOAD_TOO_LARGE",
-    )
-    add(
-        "50 files in one registration",
-        "POST /api/register",
-        lambda: register_with([photo()] * 50)(),
-        422,
-        "TOO_MANY_FILES",
-    )
-    add(
+        VERIFY,
+        Send("POST", "/api/verify", body="chunked_21_mib", headers={"content-type": "multipart/form-data; boundary=x"}),
+        PAYLOAD_TOO_LARGE,
+    ),
+    Case("50 files in one registration", REGISTER, register(*[PHOTO] * 50), TOO_MANY_FILES),
+    Case(
         "50 files added to a user",
         "POST /api/users/{id}/faces",
-        lambda: {
-            "method": "POST",
-            "url": f"/api/users/{USER}/faces",
-            "files": [("files", (f"f{i}.jpg", photo(), JPEG)) for i in range(50)],
-        },
-        422,
-        "TOO_MANY_FILES",
-    )
-    add(
-        "huge form field: 2 MB name",
-        "POST /api/register",
-        lambda: register_with(photo(), name="x" * (2 << 20))(),
-        400,
-        "BAD_REQUEST",
-    )
-    add(
+        Send("POST", f"/api/users/{USER}/faces", files=_numbered((PHOTO,) * 50)),
+        TOO_MANY_FILES,
+    ),
+    Case("huge form field: 2 MB name", REGISTER, register(PHOTO, name="x" * (2 << 20)), BAD_REQUEST),
+    Case(
         "1,001 form fields",
-        "POST /api/verify",
-        lambda: {
-            "method": "POST",
-            "url": "/api/verify",
-            "files": _files("file", photo()),
-            "data": {f"f{i}": "1" for i in range(1001)},
-        },
-        400,
-        "BAD_REQUEST",
-    )
+        VERIFY,
+        Send("POST", "/api/verify", files=(Upload("file", PHOTO),), form={f"f{i}": "1" for i in range(1001)}),
+        BAD_REQUEST,
+    ),
     # Names.
-    add(
-        "unicode name (accents, CJK, RTL, emoji)",
-        "POST /api/register",
-        lambda: register_with(photo(), name="Zoë 测试 مرحبا 🙂")(),
-        201,
-        None,
-    )
-    add("10 kB name", "POST /api/register", lambda: register_with(photo(), name="é" * 5000)(), 422, "VALIDATION_ERROR")
-    add(
-        "10 kB name",
-        "PATCH /api/users/{id}",
-        lambda: {"method": "PATCH", "url": f"/api/users/{USER}", "json": {"name": "n" * 10_000}},
-        422,
-        "VALIDATION_ERROR",
-    )
-    add(
-        "name with NUL and control characters",
-        "POST /api/register",
-        lambda: register_with(photo(), name="a\x00b\x1b[31mc\u202e")(),
-        201,
-        None,
-    )
-    add(
+    Case("unicode name (accents, CJK, RTL, emoji)", REGISTER, register(PHOTO, name="Zoë 测试 مرحبا 🙂"), CREATED),
+    Case("10 kB name", REGISTER, register(PHOTO, name="é" * 5000), INVALID),
+    Case("10 kB name", RENAME, Send("PATCH", f"/api/users/{USER}", json={"name": "n" * 10_000}), INVALID),
+    Case("name with NUL and control characters", REGISTER, register(PHOTO, name="a\x00b\x1b[31mc\u202e"), CREATED),
+    Case(
         "10 kB file name",
-        "POST /api/register",
-        lambda: {
-            "method": "POST",
-            "url": "/api/register",
-            "data": {"name": "Long file name", "allow_duplicate": "true"},
-            "files": [("files", ("n" * 10_000 + ".jpg", photo(), JPEG))],
-        },
-        400,  # the multipart parser's limit on a part's headers
-        "BAD_REQUEST",
-    )
-    add("empty name", "POST /api/register", lambda: register_with(photo(), name="")(), 422, "VALIDATION_ERROR")
-    add(
+        REGISTER,
+        Send(
+            "POST",
+            "/api/register",
+            files=(Upload("files", PHOTO, "n" * 10_000 + ".jpg"),),
+            form={"name": "Long file name", "allow_duplicate": "true"},
+        ),
+        BAD_REQUEST,  # the multipart parser's limit on a part's headers
+    ),
+    Case("empty name", REGISTER, register(PHOTO, name=""), INVALID),
+    Case(
         "lone surrogate in a JSON name",
-        "PATCH /api/users/{id}",
-        lambda: {
-            "method": "PATCH",
-            "url": f"/api/users/{USER}",
-            "content": b'{"name": "a\\ud800b"}',
-            "headers": {"content-type": "application/json"},
-        },
-        422,
-        "VALIDATION_ERROR",
-    )
-    add(
-        "10 kB user id",
-        "GET /api/users/{id}",
-        lambda: {"method": "GET", "url": "/api/users/" + "a" * 10_000},
-        422,
-        "VALIDATION_ERROR",
-    )
+        RENAME,
+        Send("PATCH", f"/api/users/{USER}", body="json_lone_surrogate", headers={"content-type": "application/json"}),
+        INVALID,
+    ),
+    Case("10 kB user id", "GET /api/users/{id}", Send("GET", "/api/users/" + "a" * 10_000), INVALID),
     # Numbers out of range.
-    for value in ("-1", "0", "101", "1000000000", "1e100", "many"):
-        add(
-            f"top_k={value}",
-            "POST /api/verify",
-            lambda v=value: verify_with(photo(), top_k=v)(),
-            422,
-            "VALIDATION_ERROR",
-        )
-    for value in ("-0.1", "1.5", "nan", "inf", "1e309"):
-        add(
-            f"threshold={value}",
-            "POST /api/verify",
-            lambda v=value: verify_with(photo(), threshold=v)(),
-            422,
-            "VALIDATION_ERROR",
-        )
-    add(
+    *(
+        Case(f"top_k={value}", VERIFY, verify(PHOTO, top_k=value), INVALID)
+        for value in ("-1", "0", "101", "1000000000", "1e100", "many")
+    ),
+    *(
+        Case(f"threshold={value}", VERIFY, verify(PHOTO, threshold=value), INVALID)
+        for value in ("-0.1", "1.5", "nan", "inf", "1e309")
+    ),
+    Case(
         "threshold=2",
-        "POST /api/compare",
-        lambda: {
-            "method": "POST",
-            "url": "/api/compare",
-            "data": {"threshold": "2"},
-            "files": _files("image1", photo()) + _files("image2", photo()),
-        },
-        422,
-        "VALIDATION_ERROR",
-    )
-    add(
-        "offset=-1, limit=0",
-        "GET /api/users",
-        lambda: {"method": "GET", "url": "/api/users?offset=-1&limit=0"},
-        422,
-        "VALIDATION_ERROR",
-    )
+        COMPARE,
+        Send("POST", "/api/compare", files=(Upload("image1", PHOTO), Upload("image2", PHOTO)), form={"threshold": "2"}),
+        INVALID,
+    ),
+    Case("offset=-1, limit=0", "GET /api/users", Send("GET", "/api/users?offset=-1&limit=0"), INVALID),
     # Malformed requests.
-    add("no file part", "POST /api/verify", lambda: {"method": "POST", "url": "/api/verify"}, 422, "VALIDATION_ERROR")
-    add(
+    Case("no file part", VERIFY, Send("POST", "/api/verify"), INVALID),
+    Case(
         "JSON body instead of multipart",
-        "POST /api/register",
-        lambda: {"method": "POST", "url": "/api/register", "json": {"name": "x", "files": ["aGk="]}},
-        422,
-        "VALIDATION_ERROR",
-    )
-    add(
+        REGISTER,
+        Send("POST", "/api/register", json={"name": "x", "files": ["aGk="]}),
+        INVALID,
+    ),
+    Case(
         "multipart without boundary",
-        "POST /api/verify",
-        lambda: {
-            "method": "POST",
-            "url": "/api/verify",
-            "content": b"garbage",
-            "headers": {"content-type": "multipart/form-data"},
-        },
-        400,
-        "BAD_REQUEST",
-    )
-    add(
+        VERIFY,
+        Send("POST", "/api/verify", body="garbage", headers={"content-type": "multipart/form-data"}),
+        BAD_REQUEST,
+    ),
+    Case(
         "rename with a non-JSON body",
-        "PATCH /api/users/{id}",
-        lambda: {
-            "method": "PATCH",
-            "url": f"/api/users/{USER}",
-            "content": b"name=x",
-            "headers": {"content-type": "application/x-www-form-urlencoded"},
-        },
-        422,
-        "VALIDATION_ERROR",
-    )
-    return c
+        RENAME,
+        Send(
+            "PATCH",
+            f"/api/users/{USER}",
+            body="urlencoded_name",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        ),
+        INVALID,
+    ),
+)
+
+
+def cases() -> list[Case]:
+    """Every input class (the inputs are built when a case's request is made)."""
+    return list(CASES)
 
 
 # --- running ---------------------------------------------------------------------------------------------
