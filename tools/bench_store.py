@@ -659,9 +659,10 @@ def measure_service(url: str, requests: int) -> dict[str, Any]:
         result["verify_p90_ms"] = percentile(verify_ms, 90)
         result["verify_p99_ms"] = percentile(verify_ms, 99)
         result["requests"] = len(verify_ms)
-        # The 1:N threshold follows the gallery size: it shows which gallery the service searched.
+        # The 1:N threshold follows the gallery size (which gallery was searched); the best similarity is
+        # there whenever the search found anyone (candidates list only matches above the threshold).
         result["threshold"] = body["threshold"]
-        result["candidates"] = len(body["candidates"])
+        result["best_similarity"] = body["similarity"]
         memory = memory_kb(server.pid)
         result["rss_mb"] = round(memory["VmRSS"] / 1024, 1)
         result["peak_rss_mb"] = round(memory["VmHWM"] / 1024, 1)
@@ -798,7 +799,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"Machine: {start['cpus']} CPUs, {start['memory_gb']} GB RAM, load average {start['load_average']} at the "
         f"start, {results['machine_end']['load_average']} at the end; {start['date']}. Code: commit "
         f"{results['code']['commit']}"
-        + (f", changed: {results['code']['changed']}." if results["code"]["changed"] else "."),
+        + (
+            f", api/store changed: {results['code']['changed']}."
+            if results["code"]["changed"]
+            else ", api/store as committed."
+        ),
         "",
         "| backend | users | faces/user | descriptors | load users/s | index build s | open s | first search ms "
         "| search p50 / p99 ms | recall@1 LFW probes | recall@1 synthetic probes | register p50 / p99 ms (n) "
