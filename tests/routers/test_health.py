@@ -89,6 +89,12 @@ def test_liveness_probe_stays_fast_while_8_verify_requests_are_in_flight(
     with httpx.Client(base_url=server.url, timeout=60) as http:
         registered = http.post("/api/register", data={"name": "A"}, files={"files": ("a.jpg", photo, JPEG)})
         assert registered.status_code == 201, registered.text
+        alone = []  # one verify with nothing else in flight: the yardstick for "queued under load"
+        for _ in range(3):
+            started = time.perf_counter()
+            assert http.post("/api/verify", files={"file": ("a.jpg", photo, JPEG)}).status_code == 200
+            alone.append(time.perf_counter() - started)
+    median_alone = statistics.median(alone)
 
     stop = threading.Event()
     verify_spans: list[tuple[float, float]] = []
@@ -126,10 +132,13 @@ def test_liveness_probe_stays_fast_while_8_verify_requests_are_in_flight(
     probe_times = [end - start for start, end in probe_spans]
     median_probe = statistics.median(probe_times)
     median_verify = statistics.median(end - start for start, end in verify_spans)
-    # The load was real: verify requests queued behind each other (2 inference threads for 8 requests) took
-    # far longer than the probe budget, and during a typical probe all 8 were in flight.
+    # The load was real: verify requests queued behind each other (2 inference threads for 8 requests), so each
+    # took several times as long as one alone, and during a typical probe all 8 were in flight. The yardstick is
+    # relative: an absolute figure fails on a machine that is simply faster.
     in_flight = [sum(v0 < p0 and v1 > p1 for v0, v1 in verify_spans) for p0, p1 in probe_spans]
-    assert median_verify > 0.2, f"verify took only {median_verify * 1000:.0f} ms: no real load"
+    assert median_verify > 2 * median_alone, (
+        f"verify took {median_verify * 1000:.0f} ms under load, {median_alone * 1000:.0f} ms alone: no real load"
+    )
     assert statistics.median(in_flight) >= 7, f"verify requests in flight during each probe: {in_flight}"
     assert median_probe < 0.05, (
         f"/health/live median {median_probe * 1000:.1f} ms under load (verify median {median_verify * 1000:.0f} ms); "
