@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 REPO = Path(__file__).resolve().parents[1]
 KERAS_MODEL = REPO / "face_embedding_model.keras"
+FACENET_MODEL = REPO / "facenet_embedding_model.keras"
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,18 @@ def keras_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("models") / "face_embedding_model.keras"
     build_from_dat().save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def facenet_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repo-root ``facenet_embedding_model.keras``, or a fresh build of it in a temporary folder."""
+    if FACENET_MODEL.is_file():
+        return FACENET_MODEL
+    from api.ml.facenet import build_from_graph
+
+    path = tmp_path_factory.mktemp("models") / "facenet_embedding_model.keras"
+    build_from_graph().save(path)
     return path
 
 

