@@ -15,6 +15,7 @@ from api.errors import (
     DuplicateFaceError,
     FaceServiceError,
     InconsistentFacesError,
+    ModelMismatchError,
     ModelUnavailableError,
     NoFaceError,
     SpoofDetectedError,
@@ -218,6 +219,22 @@ class RecognitionService:
                         similarity=round(similarity, 4),
                     )
 
+    def _refuse_other_models(self, result: SearchResult, collection: str) -> None:
+        """A search sees only descriptors of the configured model; answering "nobody" while the collection
+        holds people enrolled with another embedder would be a silent wrong answer."""
+        if not result.other_models:
+            return
+        others = ", ".join(f"{model} ({users} users)" for model, users in sorted(result.other_models.items()))
+        raise ModelMismatchError(
+            f"The collection {collection!r} holds people enrolled with another embedder: {others}. This service "
+            f"embeds with {self.engine.model_id}, and descriptors of different models cannot be compared or "
+            "converted. Re-enrol those people from their photos with the configured embedder (face-service "
+            "enroll DIR --replace; photos are never stored), or set FACE_EMBEDDER back to the model they were "
+            "enrolled with.",
+            configured_model=self.engine.model_id,
+            stored_models=result.other_models,
+        )
+
     # --- use cases --------------------------------------------------------------------------------------
     def register(
         self,
@@ -270,6 +287,7 @@ class RecognitionService:
         embedding = self._embed_found([found])[0]
         with stage("search"):
             result = store.search(self.engine.model_id, embedding[None, :], max(top_k, 1), collection=collection)
+        self._refuse_other_models(result, collection)
         applied = threshold if threshold is not None else self.identify_threshold(result.users)
         if not result.matches[0]:
             return VerifyOutcome(False, None, applied, [], found.face)

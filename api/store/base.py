@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -71,11 +71,14 @@ class SearchResult:
 
     ``users`` and ``faces`` are what the searched gallery (one collection, one model; the excluded user
     included) holds: the ``N`` of the 1:N threshold rules, read in the same snapshot as the matches.
+    ``other_models``: users of the same collection whose descriptors come from another model (model id ->
+    users). A search never sees them, so the service refuses to answer as if they were not there.
     """
 
     users: int
     faces: int
     matches: list[list[UserMatch]]
+    other_models: dict[str, int] = field(default_factory=dict)
 
 
 # Called by a write inside its critical section (the file lock; the PostgreSQL transaction holding the

@@ -40,6 +40,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -107,6 +108,7 @@ class _Gallery:
     owner: np.ndarray  # (N,) int32, index into user_ids / names
     user_ids: tuple[str, ...]
     names: tuple[str, ...]
+    other_models: dict[str, int]  # the collection's users of other models (not in this gallery)
 
     def search(self, probe: np.ndarray, top_k: int, exclude_user: str | None) -> list[UserMatch]:
         """The ``top_k`` best users by their best face (one matrix product, exact)."""
@@ -780,13 +782,18 @@ class NpzFaceStore:
             )
         gallery = self._gallery_of(state, collection, model_id)
         matches = [gallery.search(probe, top_k, exclude_user) for probe in probes]
-        return SearchResult(users=len(gallery.user_ids), faces=len(gallery.embeddings), matches=matches)
+        return SearchResult(
+            users=len(gallery.user_ids),
+            faces=len(gallery.embeddings),
+            matches=matches,
+            other_models=dict(gallery.other_models),
+        )
 
     @staticmethod
     def _build_gallery(state: _State, collection: str, model_id: str) -> _Gallery:
-        entries = [
-            e for e in state.users.values() if e.record.model_id == model_id and e.record.collection == collection
-        ]
+        in_collection = [e for e in state.users.values() if e.record.collection == collection]
+        entries = [e for e in in_collection if e.record.model_id == model_id]
+        other_models = Counter(e.record.model_id for e in in_collection if e.record.model_id != model_id)
         if entries:
             embeddings = np.concatenate([e.embeddings for e in entries], axis=0)
             counts = [e.record.faces for e in entries]
@@ -801,6 +808,7 @@ class NpzFaceStore:
             owner=owner,
             user_ids=tuple(e.record.id for e in entries),
             names=tuple(e.record.name for e in entries),
+            other_models=dict(other_models),
         )
 
     def _current(self) -> _State:

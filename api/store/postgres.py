@@ -27,6 +27,7 @@ then ranked: the 1:N threshold is applied by the caller after this grouping by u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -756,13 +757,19 @@ class PostgresFaceStore:
         from psycopg import sql
 
         dim = self._model_dim(conn, model_id)
-        row = conn.execute(
-            "SELECT users, faces FROM face_gallery_counts WHERE collection = %s AND model_id = %s",
-            (collection, model_id),
-        ).fetchone()
-        users, faces = (0, 0) if row is None else (int(row[0]), int(row[1]))
+        # Every model's counts in the collection, in one query: this model's are the 1:N threshold's N, the
+        # others tell the service that part of the collection cannot be searched with this model.
+        counts = {
+            model: (int(users), int(faces))
+            for model, users, faces in conn.execute(
+                "SELECT model_id, users, faces FROM face_gallery_counts WHERE collection = %s AND users > 0",
+                (collection,),
+            ).fetchall()
+        }
+        users, faces = counts.pop(model_id, (0, 0))
+        other_models = {model: users for model, (users, _) in counts.items()}
         if dim is None or users == 0 or top_k == 0:
-            return SearchResult(users, faces, [[] for _ in probes])
+            return SearchResult(users, faces, [[] for _ in probes], other_models)
         if probes.shape[1] != dim:
             raise ModelMismatchError(
                 f"Descriptors of model {model_id!r} have {dim} dimensions in the store, got {probes.shape[1]}",
@@ -772,7 +779,8 @@ class PostgresFaceStore:
             )
         exclude = sql.SQL("AND user_id <> %(exclude)s") if exclude_user is not None else sql.SQL("")
         if faces <= self._options.exact_search_max_faces:
-            return self._search_exactly(conn, model_id, collection, probes, top_k, exclude_user, users, faces)
+            exact = self._search_exactly(conn, model_id, collection, probes, top_k, exclude_user, users, faces)
+            return dataclasses.replace(exact, other_models=other_models)
         # set_config(..., true) is SET LOCAL: it lasts until this transaction ends, also on a pooled connection
         # and inside the transaction Citus or a pooler in transaction mode sends to one node.
         conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(self._options.ef_search),))
@@ -814,7 +822,7 @@ class PostgresFaceStore:
                 params["candidates"] *= 4
                 rows = conn.execute(query, params).fetchall()
             matches.append([UserMatch(r[0], bytes(r[1]).decode("utf-8"), float(r[2])) for r in rows])
-        return SearchResult(users, faces, matches)
+        return SearchResult(users, faces, matches, other_models)
 
     @staticmethod
     def _search_exactly(

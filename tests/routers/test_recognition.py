@@ -20,6 +20,7 @@ from PIL import Image
 
 from api.config import Settings
 from api.main import create_app
+from api.store import FaceStore
 from tests.helpers import JPEG, error_of
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -92,6 +93,24 @@ def test_empty_gallery_answers_not_verified(client: TestClient, astronaut_jpeg: 
     assert len(box) == 4 and all(isinstance(v, int) for v in box)
     assert 150 < box[0] + box[2] / 2 < 300 and 40 < box[1] + box[3] / 2 < 200, box  # the astronaut's face
     assert 0.5 < body["face"]["score"] <= 1.0
+
+
+def test_a_gallery_of_another_embedder_is_refused_by_name_never_a_silent_miss(
+    client: TestClient, client_store: FaceStore, astronaut_jpeg: bytes
+) -> None:
+    """People enrolled with another embedder (e.g. before FACE_EMBEDDER changed) are invisible to this model's
+    search: verify says so, naming both models and how to re-enrol, instead of answering "nobody"."""
+    rng = np.random.default_rng(0)
+    faces = rng.standard_normal((2, 640)).astype(np.float32)
+    client_store.add_user("enrolled before", faces / np.linalg.norm(faces, axis=1, keepdims=True), "other-embedder")
+    response = client.post("/api/verify", files={"file": ("a.jpg", astronaut_jpeg, JPEG)})
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    configured = error["details"]["configured_model"]
+    assert error["code"] == "MODEL_MISMATCH" and configured.startswith("dlib-resnet-v1")
+    assert error["details"]["stored_models"] == {"other-embedder": 1}
+    assert "other-embedder" in error["message"] and configured in error["message"]
+    assert "enroll" in error["message"] and "FACE_EMBEDDER" in error["message"]
 
 
 def test_astronaut_register_verify_compare_delete(

@@ -282,7 +282,8 @@ def test_timestamps_are_utc_and_survive_a_new_instance(store: FaceStore, reopen:
 
 def test_search_scores_each_user_by_their_best_face(store: FaceStore) -> None:
     """A user's score is the best cosine over their faces, users are ranked best first, ``top_k`` caps the
-    list, ``exclude_user`` leaves one out, ``users`` counts the model's users, other models are invisible."""
+    list, ``exclude_user`` leaves one out, ``users`` counts the model's users, other models are invisible to
+    the search but counted in ``other_models``."""
     probe = np.zeros(4, np.float32)
     probe[0] = 1.0
     # Cosines to the probe: "near" has one face at 0.9 among poor ones, "mid" one at 0.6, "far" all below.
@@ -294,16 +295,19 @@ def test_search_scores_each_user_by_their_best_face(store: FaceStore) -> None:
 
     result = store.search("m", probe, top_k=5)
     assert result.users == 3  # users of model "m" only
+    assert result.other_models == {"m-other": 1, "m8": 1}
     assert [(m.user_id, m.name) for m in result.matches[0]] == [(near.id, "near"), (mid.id, "mid"), (far.id, "far")]
     np.testing.assert_allclose([m.cosine for m in result.matches[0]], [0.9, 0.6, 0.2], atol=1e-3)
 
     assert [m.user_id for m in store.search("m", probe, top_k=2).matches[0]] == [near.id, mid.id]
-    assert store.search("m", probe, top_k=0) == SearchResult(users=3, faces=6, matches=[[]])
+    others = {"m-other": 1, "m8": 1}
+    assert store.search("m", probe, top_k=0) == SearchResult(users=3, faces=6, matches=[[]], other_models=others)
     excluded = store.search("m", probe, top_k=5, exclude_user=near.id)
     assert excluded.users == 3 and [m.user_id for m in excluded.matches[0]] == [mid.id, far.id]
     assert store.search("m-other", probe, top_k=5).users == 1
     assert store.search("m-other", probe, top_k=5, exclude_user=other.id).matches == [[]]
-    assert store.search("unknown model", probe, top_k=5) == SearchResult(users=0, faces=0, matches=[[]])
+    everyone = {"m": 3, "m-other": 1, "m8": 1}
+    assert store.search("unknown model", probe, top_k=5) == SearchResult(0, 0, [[]], other_models=everyone)
 
     # Several probes at once: one list per probe, in probe order; a 1-D probe is one probe.
     both = store.search("m", np.stack([probe, normalized(np.array([0.6, 0, 0.8, 0]))]), top_k=1)
@@ -425,7 +429,7 @@ def test_guard_of_add_user_sees_the_search_of_the_new_faces(store: FaceStore) ->
         raise error
 
     def refuse_new_model(found: SearchResult) -> None:
-        assert found == SearchResult(users=0, faces=0, matches=[[]])
+        assert found == SearchResult(users=0, faces=0, matches=[[]], other_models={"m": 3})
         raise error
 
     with pytest.raises(Refused) as info:
@@ -472,7 +476,7 @@ def test_guard_of_add_faces_excludes_the_user_itself(store: FaceStore) -> None:
     alone = store.add_user("alone", unit(rng, 1, d=8), "m8")
     calls.clear()
     store.add_faces(alone.id, unit(rng, 1, d=8), "m8", guard=calls.append)
-    assert calls == [SearchResult(users=1, faces=1, matches=[[]])]
+    assert calls == [SearchResult(users=1, faces=1, matches=[[]], other_models={"m": 2, "m-other": 1})]
 
 
 # --- copies between backends, persistence ---------------------------------------------------------------
