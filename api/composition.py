@@ -70,7 +70,7 @@ def load_models(settings: Settings) -> Models:
     unavailable: dict[str, str] = {}
     engine = build_engine(settings)
     engine.warm_up()
-    calibration = Calibration.load(settings.resources_dir / "calibration.json")
+    calibration = Calibration.load(settings.resources_dir / "calibration.json", engine.model_id)
 
     anti_spoofing_model = None
     try:

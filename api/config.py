@@ -31,10 +31,14 @@ class Settings(BaseSettings):
     # --- models -------------------------------------------------------------------------------------
     resources_dir: Path = REPO_ROOT / "resources"
     embedding_model_path: Path = REPO_ROOT / "face_embedding_model.keras"
+    facenet_model_path: Path = REPO_ROOT / "facenet_embedding_model.keras"
     # Offline mirror of weights that no package ships (anti-spoofing); set-up copies from here.
     models_mirror: Path | None = None
     detector: str = Field("yunet", description="yunet, or a deepface detector backend: opencv, mtcnn, dlib, ssd, ...")
-    embedder: str = Field("dlib-resnet", description="dlib-resnet (our Keras file) or deepface:<ModelName>")
+    embedder: str = Field(
+        "dlib-resnet",
+        description="dlib-resnet, facenet, dlib-resnet+facenet (one fused descriptor) or deepface:<ModelName>",
+    )
     # Large photos are downscaled so that the longer side is at most this before detection.
     detect_max_side: int = 640
     # Small photos are upscaled to at least this so that faces of ~60 px are found with precise landmarks.

@@ -199,7 +199,7 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
     # The same engine with detection on a smaller copy of the photo: what FACE_DETECT_MAX_SIDE would buy.
     small_side = SMALL_DETECT_SIDE
     small_detector = YuNetDetector(settings.detection_confidence, small_side, min(small_side, settings.detect_min_side))
-    small_engine = FaceEngine(small_detector, engine.aligner, embedder, settings.min_face_size)
+    small_engine = FaceEngine(small_detector, embedder, settings.min_face_size)
 
     def end_to_end(flip: bool, using: FaceEngine = engine) -> Callable[[], object]:
         def call() -> object:

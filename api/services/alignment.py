@@ -1,8 +1,10 @@
-"""Face alignment: a similarity transform from five landmarks to dlib's 150x150 chip layout.
+"""Face alignment: each embedder's input crop of a detected face.
 
-The embedder was trained on chips made by ``dlib.get_face_chip(..., size=150, padding=0.25)``. Our detector
+dlib's ResNet was trained on chips made by ``dlib.get_face_chip(..., size=150, padding=0.25)``. Our detector
 gives other points than dlib's shape predictor, so the target positions below are where YuNet's points fall
 in dlib's chips on average: measured on 1,230 LFW faces by ``python -m tools.derive_chip_template``.
+FaceNet takes a 160x160 crop of its own (:func:`facenet_aligner`); a fused embedder gets both crops of a face
+stacked in one array (:class:`StackedAligner`).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 class FaceAligner(Protocol):
     def align(self, image_rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
-        """A (150, 150, 3) uint8 RGB chip of ``face``."""
+        """A ``(size, size, channels)`` uint8 chip of ``face``: what its embedder takes."""
         ...
 
 
@@ -89,6 +91,74 @@ class SimilarityAligner:
         centre_chip = np.array([self.size / 2, self.size * 0.52])
         translation = centre_chip - scale * centre_box
         return np.array([[scale, 0.0, translation[0]], [0.0, scale, translation[1]]])
+
+
+class BoxAligner(SimilarityAligner):
+    """A square crop centred on the detector's box, ``1 + margin`` times its longer side, without rotation.
+
+    FaceNet was trained on crops of this kind (an MTCNN box with a margin, not rotated), so it is the other
+    candidate beside a landmark alignment when its crop is chosen (``python -m tools.tune_fusion``).
+    """
+
+    def __init__(self, margin: float, size: int, shift_y: float = 0.0) -> None:
+        super().__init__(DLIB_CHIP_TEMPLATE, size)
+        self.margin = margin
+        self.shift_y = shift_y  # the crop's centre moves down by this fraction of the box's height
+
+    def transform(self, face: DetectedFace) -> np.ndarray:
+        x, y, w, h = face.box
+        scale = self.size / (max(w, h) * (1.0 + self.margin))
+        centre = np.array([x + w / 2, y + h / 2 + self.shift_y * h])
+        translation = np.array([self.size / 2, self.size / 2]) - scale * centre
+        return np.array([[scale, 0.0, translation[0]], [0.0, scale, translation[1]]])
+
+
+def scaled_template(scale: float, shift_y: float = 0.0) -> np.ndarray:
+    """dlib's chip template zoomed about the chip's centre by ``scale`` (below 1: more context around the
+    face) and moved down by ``shift_y`` chip pixels, still in 150-pixel chip units."""
+    centre = CHIP_SIZE / 2
+    return (DLIB_CHIP_TEMPLATE - centre) * scale + centre + np.array([0.0, shift_y])
+
+
+class StackedAligner:
+    """Several models' crops of one face in one array, along the channel axis: ``(size, size, 3 * k)``, each
+    crop in the top-left corner of its own three channels (zero-padded to the largest crop's size).
+
+    One array per face keeps the engine's batch-first flow (chips of many faces and requests concatenate
+    along the first axis) when a fused embedder needs a different crop for each of its models.
+    """
+
+    def __init__(self, aligners: list[SimilarityAligner]) -> None:
+        self.aligners = aligners
+        self.size = max(aligner.size for aligner in aligners)
+
+    def align(self, image_rgb: np.ndarray, face: DetectedFace) -> np.ndarray:
+        stacked = np.zeros((self.size, self.size, 3 * len(self.aligners)), np.uint8)
+        for index, aligner in enumerate(self.aligners):
+            stacked[: aligner.size, : aligner.size, 3 * index : 3 * index + 3] = aligner.align(image_rgb, face)
+        return stacked
+
+    def split(self, chips: np.ndarray) -> list[np.ndarray]:
+        """The per-model crops of a batch of stacked chips, in the aligners' order."""
+        return [
+            chips[:, : aligner.size, : aligner.size, 3 * index : 3 * index + 3]
+            for index, aligner in enumerate(self.aligners)
+        ]
+
+
+FACENET_CROP_SIZE = 160
+# FaceNet's crop, chosen among box crops and landmark alignments on LFW pairsDevTrain alone by
+# ``python -m tools.tune_fusion`` (docs/benchmarks.md, "Fused embedder").
+FACENET_CROP = {"kind": "box", "margin": 0.1, "shift_y": 0.0}
+
+
+def facenet_aligner(crop: dict[str, float | str] = FACENET_CROP) -> SimilarityAligner:
+    """FaceNet's input crop of a face: a ``box`` crop (``margin``, ``shift_y``) or a landmark alignment on
+    dlib's template zoomed by ``scale`` and moved down by ``shift_y`` chip pixels (``landmarks``)."""
+    if crop["kind"] == "box":
+        return BoxAligner(float(crop["margin"]), FACENET_CROP_SIZE, float(crop["shift_y"]))
+    template = scaled_template(float(crop["scale"]), float(crop["shift_y"]))
+    return SimilarityAligner(template, FACENET_CROP_SIZE)
 
 
 def _shrink_region(image: np.ndarray, matrix: np.ndarray, scale: float, size: int) -> tuple[np.ndarray, np.ndarray]:

