@@ -176,7 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy every user and descriptor from SRC to DST",
         description="Copy users and descriptors between stores, in either direction. SRC and DST are each an "
         ".npz path or a postgresql:// URL. Users already in DST (same id) are skipped, so an interrupted copy "
-        "can be run again; the counts are checked at the end. An encrypted .npz needs FACE_STORE_ENCRYPTION_KEY.",
+        "can be run again; the counts are checked at the end. An encrypted .npz needs FACE_STORE_ENCRYPTION_KEY. "
+        "Descriptors are copied as they are, with the id of the model that made them: no command converts them to "
+        "another embedder. Changing FACE_EMBEDDER means computing every descriptor again from the people's photos "
+        "(the service never stores photos), e.g. `face-service enroll DIR --replace` into the new store.",
     )
     copy.add_argument("source", metavar="SRC")
     copy.add_argument("destination", metavar="DST")

@@ -65,8 +65,10 @@ from api.config import REPO_ROOT, Settings
 from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, StoredUser, UserRecord, open_store_at
 from api.store.base import CollectionInfo
 from api.store.copy import copy_store
-from tools.common import lfw_images
+from tools.common import configured_embedder, lfw_images
 
+# The configured embedder's descriptor size (FACE_EMBEDDER): 128 for dlib-resnet, 640 for the fused
+# dlib-resnet+facenet. bench() sets it once from the embedder, before any gallery or probe is made.
 DIM = 128
 TOP_K = 5  # what /api/verify asks the store for by default
 OUT = REPO_ROOT / "reports" / "bench_store"
@@ -74,11 +76,10 @@ MAX_PROBES_PER_PERSON = 5  # George W. Bush alone has 77 photos in LFW View 1
 TIE = 1e-5  # two users whose best cosines differ less than this are the same answer for recall
 
 
-def model_id() -> str:
-    """The engine's model id (from the calibration), so that the service can search the gallery."""
-    from api.services.matching import Calibration
-
-    return Calibration.load(Settings().resources_dir / "calibration.json").model_id
+def embedder_suffix() -> str:
+    """A file-name suffix for galleries and caches of an embedder other than the default one."""
+    name = Settings().embedder
+    return "" if name == "dlib-resnet" else "_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
 def faces_per_user_for(users: int, override: int | None) -> int:
@@ -485,7 +486,7 @@ def run_worker(job_path: Path) -> None:
     location, model, top_k = job["location"], job["model_id"], job["top_k"]
     probes = np.load(job["probes"])
     settings = Settings()
-    calibration = Calibration.load(settings.resources_dir / "calibration.json")
+    calibration = Calibration.load(settings.resources_dir / "calibration.json", model)
     result: dict[str, Any] = {"rss_before_open_mb": rss_mb()}
 
     started = time.perf_counter()
@@ -576,12 +577,12 @@ def measure_client(case_dir: Path, location: str, probes: Probes, args: argparse
     return json.loads((case_dir / "client.json").read_text())
 
 
-def identify_cosine(users: int) -> float:
+def identify_cosine(users: int, model: str) -> float:
     """The service's 1:N threshold for a gallery of ``users`` (similarity = (1 + cosine) / 2), as a cosine."""
     from api.services.matching import Calibration
 
     settings = Settings()
-    calibration = Calibration.load(settings.resources_dir / "calibration.json")
+    calibration = Calibration.load(settings.resources_dir / "calibration.json", model)
     similarity = settings.identify_threshold or calibration.identify_threshold(users)
     return 2.0 * similarity - 1.0
 
@@ -678,7 +679,7 @@ def measure_service(url: str, requests: int) -> dict[str, Any]:
 def run_case(
     backend: str, gallery: Gallery, probes: Probes, args: argparse.Namespace, server_url: str | None
 ) -> dict[str, Any]:
-    name = f"{backend}_{gallery.users}_f{gallery.faces_per_user}"
+    name = f"{backend}_{gallery.users}_f{gallery.faces_per_user}{embedder_suffix()}"
     if gallery.synthetic != "random":
         name += "_lfwlike"
     if backend == "postgres" and (args.hnsw_m, args.hnsw_ef_construction) != (16, 64):
@@ -729,7 +730,7 @@ def run_case(
     case["client"] = {k: v for k, v in client.items() if k not in ("passes", "register_ms")}
     case["client"]["store_rss_mb"] = round(client["rss_after_search_mb"] - client["rss_before_open_mb"], 1)
     case["search"] = []
-    threshold = identify_cosine(gallery.users)
+    threshold = identify_cosine(gallery.users, args.model_id)
     case["identify_threshold_cosine"] = round(threshold, 4)
     for result in client["passes"]:
         ms = result["ms"]
@@ -905,7 +906,8 @@ def configure_local_server(data_dir: Path, server_url: str, args: argparse.Names
 
 def bench(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    args.model_id = model_id()
+    global DIM
+    args.model_id, DIM = configured_embedder()
     results: dict[str, Any] = {
         "argv": " ".join(sys.argv[1:]),
         "machine_start": machine_note(),
@@ -915,7 +917,7 @@ def bench(args: argparse.Namespace) -> None:
         "cases": [],
         "skipped": [],
     }
-    people = lfw_descriptors(args.out / "lfw_descriptors.npz")
+    people = lfw_descriptors(args.out / f"lfw_descriptors{embedder_suffix()}.npz")
     print(f"LFW: {sum(map(len, people.values()))} descriptors of {len(people)} people", flush=True)
     server_url: str | None = args.store_url
     started_server = False

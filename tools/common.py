@@ -12,7 +12,17 @@ from pathlib import Path
 
 from api.config import REPO_ROOT
 
-__all__ = ["FACEDATA", "LFW", "REPO_ROOT", "SHARED", "Pair", "lfw_image_path", "lfw_images", "read_pairs"]
+__all__ = [
+    "FACEDATA",
+    "LFW",
+    "REPO_ROOT",
+    "SHARED",
+    "Pair",
+    "configured_embedder",
+    "lfw_image_path",
+    "lfw_images",
+    "read_pairs",
+]
 
 # Development data sits beside the checkout (never inside it); FACE_SHARED_DIR points elsewhere.
 SHARED = Path(os.environ.get("FACE_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
@@ -53,3 +63,17 @@ def read_pairs(pairs_file: Path, images_dir: Path) -> list[Pair]:
                 )
             )
     return pairs
+
+
+def configured_embedder() -> tuple[str, int]:
+    """The model id and descriptor size of the embedder the settings select (``FACE_EMBEDDER``): what a tool
+    that seeds a store with synthetic descriptors must write so that the service can search them. Loads the
+    embedder's model files (seconds), nothing else."""
+    from api.config import Settings
+    from api.services.embedding import build_embedder
+
+    settings = Settings()
+    embedder = build_embedder(
+        settings.embedder, settings.embedding_model_path, settings.flip_augmentation, 1, settings.facenet_model_path
+    )
+    return embedder.model_id, embedder.dimension

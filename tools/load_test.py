@@ -1,8 +1,8 @@
 """Service latency over real HTTP: start-up, verify against a large gallery, register, memory.
 
 Starts ``uvicorn --factory api.main:create_app`` in a subprocess on a temporary store, seeds it with
-``--users`` synthetic users (random unit descriptors of the configured model, 2 faces each: search cost is
-what is measured, not recognition quality), then times requests with httpx:
+``--users`` synthetic users (random unit descriptors of the configured embedder, ``FACE_EMBEDDER``, 2 faces
+each: search cost is what is measured, not recognition quality), then times requests with httpx:
 
 * start-up: process start until ``/health/ready`` answers 200;
 * ``POST /api/verify`` with one 640x480 single-face photo (median and p90 of ``--requests``);
@@ -36,7 +36,7 @@ from PIL import Image
 from api.config import REPO_ROOT
 from api.main import server_command
 from api.store.npz import NpzFaceStore
-from tools.common import FACEDATA
+from tools.common import FACEDATA, configured_embedder
 
 
 def free_port() -> int:
@@ -111,14 +111,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from api.config import Settings
-    from api.services.matching import Calibration
-
-    model_id = Calibration.load(Settings().resources_dir / "calibration.json").model_id
+    model_id, dimension = configured_embedder()
     workdir = Path(tempfile.mkdtemp(prefix="face-load-"))
     store_path = workdir / "store.npz"
     started = time.perf_counter()
-    seed(store_path, args.users, model_id)
+    seed(store_path, args.users, model_id, dimension)
     print(f"seeded {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
 
     port = free_port()
