@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -33,28 +33,29 @@ def shared_dir() -> Path:
     return FACEDATA
 
 
+def _built_model(repo_file: Path, build: Callable[[], Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``repo_file`` when set-up made it, else a fresh build of it in a temporary folder."""
+    if repo_file.is_file():
+        return repo_file
+    path = tmp_path_factory.mktemp("models") / repo_file.name
+    build().save(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def keras_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repo-root ``face_embedding_model.keras``, or a fresh build of it in a temporary folder."""
-    if KERAS_MODEL.is_file():
-        return KERAS_MODEL
+    """The repo-root ``face_embedding_model.keras`` (dlib's ResNet), or a fresh build of it."""
     from api.ml.dlib_resnet import build_from_dat
 
-    path = tmp_path_factory.mktemp("models") / "face_embedding_model.keras"
-    build_from_dat().save(path)
-    return path
+    return _built_model(KERAS_MODEL, build_from_dat, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def facenet_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repo-root ``facenet_embedding_model.keras``, or a fresh build of it in a temporary folder."""
-    if FACENET_MODEL.is_file():
-        return FACENET_MODEL
+    """The repo-root ``facenet_embedding_model.keras``, or a fresh build of it."""
     from api.ml.facenet import build_from_graph
 
-    path = tmp_path_factory.mktemp("models") / "facenet_embedding_model.keras"
-    build_from_graph().save(path)
-    return path
+    return _built_model(FACENET_MODEL, build_from_graph, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

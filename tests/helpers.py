@@ -8,6 +8,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import httpx
     import numpy as np
 
@@ -67,3 +69,24 @@ def report_line(request: Any, line: str) -> None:
         return
     with capture.global_and_fixture_disabled():
         reporter.write_line(line)
+
+
+def deepface_people_similarities(engine: Any, shared_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Two photos each of five people of deepface's test set (``identity/deepface``), embedded by ``engine``
+    (largest face): their similarity matrix and which pairs show the same person (the diagonal excluded)."""
+    import json
+
+    import numpy as np
+
+    from api.services.imaging import decode_image
+
+    folder = shared_dir / "identity" / "deepface"
+    clusters = json.loads((folder / "clusters_derived.json").read_text())
+    owners, embeddings = [], []
+    for person in ["id01", "id02", "id03", "id05", "id10"]:
+        for name in clusters[person][:2]:
+            embeddings.append(engine.represent(decode_image((folder / name).read_bytes()), "largest").embedding)
+            owners.append(person)
+    similarity = np.stack(embeddings) @ np.stack(embeddings).T
+    same = np.array(owners)[:, None] == np.array(owners)[None, :]
+    return similarity, same & ~np.eye(len(owners), dtype=bool)

@@ -68,7 +68,8 @@ from api.store.copy import copy_store
 from tools.common import configured_embedder, lfw_images
 
 # The configured embedder's descriptor size (FACE_EMBEDDER): 128 for dlib-resnet, 640 for the fused
-# dlib-resnet+facenet. bench() sets it once from the embedder, before any gallery or probe is made.
+# dlib-resnet+facenet. bench() sets it once from the embedder, before any gallery or probe is made, and the
+# worker process from the probes it is given.
 DIM = 128
 TOP_K = 5  # what /api/verify asks the store for by default
 OUT = REPO_ROOT / "reports" / "bench_store"
@@ -482,9 +483,11 @@ def run_worker(job_path: Path) -> None:
     """Open the store, search every probe (per ef_search), register, and write the figures as JSON."""
     from api.services.matching import Calibration, similarity_from_cosine
 
+    global DIM
     job = json.loads(job_path.read_text())
     location, model, top_k = job["location"], job["model_id"], job["top_k"]
     probes = np.load(job["probes"])
+    DIM = probes.shape[1]  # the gallery's descriptor size: new faces registered here must match it
     settings = Settings()
     calibration = Calibration.load(settings.resources_dir / "calibration.json", model)
     result: dict[str, Any] = {"rss_before_open_mb": rss_mb()}
@@ -917,7 +920,8 @@ def bench(args: argparse.Namespace) -> None:
         "cases": [],
         "skipped": [],
     }
-    people = lfw_descriptors(args.out / f"lfw_descriptors{embedder_suffix()}.npz")
+    # --lfw-users 0: synthetic faces alone, without computing (or loading) the LFW descriptors at all.
+    people = lfw_descriptors(args.out / f"lfw_descriptors{embedder_suffix()}.npz") if args.lfw_users else {}
     print(f"LFW: {sum(map(len, people.values()))} descriptors of {len(people)} people", flush=True)
     server_url: str | None = args.store_url
     started_server = False

@@ -146,7 +146,7 @@ class StackedAligner:
         ]
 
 
-FACENET_CROP_SIZE = 160
+FACENET_CROP_SIZE = 160  # FaceNet's input (api.ml.facenet.INPUT_SIZE; that module loads Keras, this one must not)
 # FaceNet's crop, chosen among box crops and landmark alignments on LFW pairsDevTrain alone by
 # ``python -m tools.tune_fusion`` (docs/benchmarks.md, "Fused embedder").
 FACENET_CROP = {"kind": "box", "margin": 0.1, "shift_y": 0.0}

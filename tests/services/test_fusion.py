@@ -3,7 +3,6 @@ stacked chip, and one descriptor whose inner product is the weighted sum of the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from api.services.alignment import BoxAligner, SimilarityAligner, StackedAligner
 from api.services.detection import DetectedFace
 from api.services.embedding import FUSED_DLIB_WEIGHT, FusedEmbedder, build_embedder
 from api.services.engine import FaceEngine, build_engine
-from api.services.imaging import decode_image
+from tests.helpers import deepface_people_similarities
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +91,6 @@ def test_a_missing_facenet_file_says_how_to_build_it(keras_model_path: Path, tmp
 
 @pytest.mark.shared
 def test_fused_model_separates_people(fused_engine: FaceEngine, shared_dir: Path) -> None:
-    folder = shared_dir / "identity" / "deepface"
-    clusters = json.loads((folder / "clusters_derived.json").read_text())
-    people = ["id01", "id02", "id03", "id05", "id10"]
-    embeddings, owners = [], []
-    for person in people:
-        for name in clusters[person][:2]:
-            image = decode_image((folder / name).read_bytes())
-            embeddings.append(fused_engine.represent(image, "largest").embedding)
-            owners.append(person)
-    similarity = np.stack(embeddings) @ np.stack(embeddings).T
-    same = np.array(owners)[:, None] == np.array(owners)[None, :]
-    genuine = similarity[same & ~np.eye(len(owners), dtype=bool)]
-    assert genuine.min() > similarity[~same].max(), (genuine.round(3), similarity[~same].max())
+    similarity, same = deepface_people_similarities(fused_engine, shared_dir)
+    impostor = similarity[~same & ~np.eye(len(same), dtype=bool)]
+    assert similarity[same].min() > impostor.max(), (similarity[same].round(3), impostor.max())
