@@ -303,7 +303,7 @@ def verification(args: argparse.Namespace) -> None:
                 train_paths = sorted({p for pair in train for p in (pair.first, pair.second)})
                 write_calibration(train_paths, vectors, selection, Path(args.calibration))
             if name == "ours" and Path(args.calibration).exists():
-                default = Calibration.load(Path(args.calibration)).compare_threshold
+                default = Calibration.load(Path(args.calibration), service_engine().model_id).compare_threshold
                 service_rows.append(at_threshold(label, default, test_scores, test_same))
     write_report(rows, curves, out, args, service_rows)
 
@@ -320,16 +320,22 @@ def at_threshold(label: str, threshold: float, scores: np.ndarray, same: np.ndar
     }
 
 
+def _embedder_prefix() -> str:
+    """How a command line selects the configured embedder (nothing for the default one)."""
+    embedder = Settings().embedder
+    return "" if embedder == Settings.model_fields["embedder"].default else f"FACE_EMBEDDER={embedder} "
+
+
 def write_calibration(paths: list[Path], vectors: dict[Path, np.ndarray | None], selection: str, target: Path) -> None:
     calibration = Calibration.from_impostor_scores(
         service_engine().model_id,
         impostor_similarities(paths, vectors),
         FMR_GRID,
-        source=f"LFW pairsDevTrain images, all cross-identity pairs, {selection} face, "
+        source=f"LFW pairsDevTrain images, all cross-identity pairs, {selection} face, {_embedder_prefix()}"
         "python -m tools.eval_lfw --calibrate",
     )
     calibration.save(target)
-    written = Calibration.load(target)
+    written = Calibration.load(target, calibration.model_id)
     print(f"  wrote {target}: 1:1 threshold {written.compare_threshold:.4f} (FMR 1e-3)")
 
 
@@ -391,7 +397,7 @@ def identification(args: argparse.Namespace) -> None:
     enrolled = [n for n in people if len(photos[n]) >= 3][: args.enrolled]
     strangers = [n for n in people if n not in enrolled][: args.strangers]
     paths = sorted({p for n in enrolled for p in photos[n][:3]} | {photos[n][0] for n in strangers})
-    calibration = Calibration.load(Path(args.calibration))
+    calibration = Calibration.load(Path(args.calibration), service_engine().model_id)
     vectors = embed_all(paths, ours_pipeline("largest"), out / cache_name("ours", "largest"))
     gallery = {
         index: np.stack(found)
