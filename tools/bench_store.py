@@ -58,14 +58,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
-import httpx
 import numpy as np
 
 from api.config import REPO_ROOT, Settings
 from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, StoredUser, UserRecord, open_store_at
 from api.store.base import CollectionInfo
 from api.store.copy import copy_store
-from tools.common import configured_embedder, lfw_images
+from tools.common import configured_embedder, lfw_images, memory_kb
 
 # The configured embedder's descriptor size (FACE_EMBEDDER): 128 for dlib-resnet, 640 for the fused
 # dlib-resnet+facenet. bench() sets it once from the embedder, before any gallery or probe is made, and the
@@ -89,17 +88,6 @@ def faces_per_user_for(users: int, override: int | None) -> int:
 
 def percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 2) if values else float("nan")
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid``. Not ``tools.load_test.memory_kb``: importing that module imports the whole
-    app (``api.main``, TensorFlow), which would swell the client process whose memory is measured here."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
 
 
 def rss_mb(pid: int | None = None) -> float:
@@ -624,41 +612,20 @@ def recall(
 def measure_service(url: str, requests: int) -> dict[str, Any]:
     """The app, served as ``api.main.server_command`` says, on the store at ``url``: start-up, verify p50 and
     the server's RSS after the requests."""
-    from api.main import server_command
-    from tools.load_test import free_port, probe_photo, timed
+    from tools.load_test import probe_photo, running_service, timed
 
-    port = free_port()
-    env = dict(os.environ, FACE_STORE_URL=url, FACE_RATE_LIMIT="100000/minute")
-    launched = time.perf_counter()
-    server = subprocess.Popen(
-        server_command(port),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     result: dict[str, Any] = {}
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
-            while True:
-                try:
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if server.poll() is not None or time.perf_counter() - launched > 180:
-                    raise SystemExit("the service did not become ready within 180 s")
-                time.sleep(0.1)
-            result["startup_to_ready_s"] = round(time.perf_counter() - launched, 2)
-            result["rss_ready_mb"] = rss_mb(server.pid)
-            photo = probe_photo()
-            verify_ms = []
-            for number in range(requests + 3):
-                elapsed, response = timed(lambda: client.post("/api/verify", files={"file": ("p.jpg", photo)}))
-                response.raise_for_status()
-                if number >= 3:  # the first requests pay for lazy model and pool set-up
-                    verify_ms.append(elapsed)
-            body = response.json()
+    with running_service(FACE_STORE_URL=url, FACE_RATE_LIMIT="100000/minute") as (server, client, ready_s):
+        result["startup_to_ready_s"] = ready_s
+        result["rss_ready_mb"] = rss_mb(server.pid)
+        photo = probe_photo()
+        verify_ms = []
+        for number in range(requests + 3):
+            elapsed, response = timed(lambda: client.post("/api/verify", files={"file": ("p.jpg", photo)}))
+            response.raise_for_status()
+            if number >= 3:  # the first requests pay for lazy model and pool set-up
+                verify_ms.append(elapsed)
+        body = response.json()
         result["verify_p50_ms"] = round(statistics.median(verify_ms), 1)
         result["verify_p90_ms"] = percentile(verify_ms, 90)
         result["verify_p99_ms"] = percentile(verify_ms, 99)
@@ -670,9 +637,6 @@ def measure_service(url: str, requests: int) -> dict[str, Any]:
         memory = memory_kb(server.pid)
         result["rss_mb"] = round(memory["VmRSS"] / 1024, 1)
         result["peak_rss_mb"] = round(memory["VmHWM"] / 1024, 1)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return result
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "configured_embedder",
     "lfw_image_path",
     "lfw_images",
+    "memory_kb",
     "read_pairs",
 ]
 
@@ -77,3 +78,14 @@ def configured_embedder() -> tuple[str, int]:
         settings.embedder, settings.embedding_model_path, settings.flip_augmentation, 1, settings.facenet_model_path
     )
     return embedder.model_id, embedder.dimension
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """Resident memory of process ``pid`` now (VmRSS) and at its peak (VmHWM), in KiB, from /proc. Here, in
+    this light module, so that a process whose memory is measured need not import the app to measure it."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields

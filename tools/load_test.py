@@ -26,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,7 +38,7 @@ from PIL import Image
 from api.config import REPO_ROOT
 from api.main import server_command
 from api.store.npz import NpzFaceStore
-from tools.common import FACEDATA, configured_embedder
+from tools.common import FACEDATA, configured_embedder, memory_kb
 
 
 def free_port() -> int:
@@ -88,13 +90,35 @@ def seed(store_path: Path, users: int, model_id: str, dimension: int = 128) -> N
         store.add_user(f"synthetic {number}", vectors, model_id)
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
+@contextmanager
+def running_service(**env: str) -> Iterator[tuple[subprocess.Popen, httpx.Client, float]]:
+    """The app as ``api.main.server_command`` serves it, on a free port, with ``env`` added to this process's
+    environment: its process, a client of it, and the seconds from launch until ``/health/ready`` answered
+    200. The server is stopped on leaving."""
+    port = free_port()
+    launched = time.perf_counter()
+    server = subprocess.Popen(
+        server_command(port),
+        cwd=REPO_ROOT,
+        env=dict(os.environ, **env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
+            while True:
+                try:
+                    if client.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.perf_counter() - launched > 180:
+                    raise SystemExit("the service did not become ready within 180 s")
+                time.sleep(0.1)
+            yield server, client, round(time.perf_counter() - launched, 2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def timed(call) -> tuple[float, httpx.Response]:
@@ -118,84 +142,61 @@ def main() -> None:
     seed(store_path, args.users, model_id, dimension)
     print(f"seeded {args.users} users in {time.perf_counter() - started:.1f} s", flush=True)
 
-    port = free_port()
-    env = dict(os.environ, FACE_STORE_PATH=str(store_path))
-    launched = time.perf_counter()
-    server = subprocess.Popen(
-        server_command(port),
-        cwd=REPO_ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
     results: dict[str, float | int | str] = {"users": args.users}
-    try:
-        with httpx.Client(base_url=base, timeout=60.0) as client:
-            while True:
-                try:
-                    if client.get("/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.perf_counter() - launched > 180:
-                    raise SystemExit("server not ready after 180 s")
-                time.sleep(0.1)
-            results["startup_to_ready_s"] = round(time.perf_counter() - launched, 2)
+    with running_service(FACE_STORE_PATH=str(store_path)) as (server, client, ready_s):
+        results["startup_to_ready_s"] = ready_s
 
-            photo = probe_photo()
-            verify_ms = []
-            for _ in range(args.requests):
-                elapsed, response = timed(lambda: client.post("/api/verify", files={"file": ("p.jpg", photo)}))
-                response.raise_for_status()
-                verify_ms.append(elapsed)
-            results["verify_p50_ms"] = round(statistics.median(verify_ms), 1)
-            results["verify_p90_ms"] = round(float(np.percentile(verify_ms, 90)), 1)
+        photo = probe_photo()
+        verify_ms = []
+        for _ in range(args.requests):
+            elapsed, response = timed(lambda: client.post("/api/verify", files={"file": ("p.jpg", photo)}))
+            response.raise_for_status()
+            verify_ms.append(elapsed)
+        results["verify_p50_ms"] = round(statistics.median(verify_ms), 1)
+        results["verify_p90_ms"] = round(float(np.percentile(verify_ms, 90)), 1)
 
-            for endpoint in ("emotion", "anti-spoof"):
-                timings = []
-                for _ in range(max(5, args.requests // 2)):
-                    elapsed, response = timed(
-                        lambda endpoint=endpoint: client.post(f"/api/{endpoint}", files={"file": ("p.jpg", photo)})
-                    )
-                    if response.status_code == 503:
-                        break  # the model is not installed here: nothing to time
-                    response.raise_for_status()
-                    timings.append(elapsed)
-                if timings:
-                    results[f"{endpoint.replace('-', '_')}_p50_ms"] = round(statistics.median(timings), 1)
-
-            photos = register_photos()
-            register_ms = []
-            for _ in range(max(3, args.requests // 8)):
-                files = [("files", (f"{i}.jpg", data)) for i, data in enumerate(photos)]
+        for endpoint in ("emotion", "anti-spoof"):
+            timings = []
+            for _ in range(max(5, args.requests // 2)):
                 elapsed, response = timed(
-                    lambda files=files: client.post(
-                        "/api/register", data={"name": "load test", "allow_duplicate": "true"}, files=files
-                    )
+                    lambda endpoint=endpoint: client.post(f"/api/{endpoint}", files={"file": ("p.jpg", photo)})
                 )
+                if response.status_code == 503:
+                    break  # the model is not installed here: nothing to time
                 response.raise_for_status()
-                register_ms.append(elapsed)
-                client.delete(f"/api/users/{response.json()['user']['id']}")
-            results["register_3_photos_p50_ms"] = round(statistics.median(register_ms), 1)
+                timings.append(elapsed)
+            if timings:
+                results[f"{endpoint.replace('-', '_')}_p50_ms"] = round(statistics.median(timings), 1)
 
-            with ThreadPoolExecutor(8) as pool:
-                in_flight = [
-                    pool.submit(lambda: httpx.post(f"{base}/api/verify", files={"file": ("p.jpg", photo)}, timeout=60))
-                    for _ in range(8)
-                ]
-                time.sleep(0.05)
-                live_ms = [timed(lambda: client.get("/health/live"))[0] for _ in range(5)]
-                for future in in_flight:
-                    future.result().raise_for_status()
-            results["live_while_8_verify_max_ms"] = round(max(live_ms), 1)
-            results["live_while_8_verify_p50_ms"] = round(statistics.median(live_ms), 1)
+        photos = register_photos()
+        register_ms = []
+        for _ in range(max(3, args.requests // 8)):
+            files = [("files", (f"{i}.jpg", data)) for i, data in enumerate(photos)]
+            elapsed, response = timed(
+                lambda files=files: client.post(
+                    "/api/register", data={"name": "load test", "allow_duplicate": "true"}, files=files
+                )
+            )
+            response.raise_for_status()
+            register_ms.append(elapsed)
+            client.delete(f"/api/users/{response.json()['user']['id']}")
+        results["register_3_photos_p50_ms"] = round(statistics.median(register_ms), 1)
+
+        verify_url = str(client.base_url.join("/api/verify"))
+        with ThreadPoolExecutor(8) as pool:
+            in_flight = [
+                pool.submit(lambda: httpx.post(verify_url, files={"file": ("p.jpg", photo)}, timeout=60))
+                for _ in range(8)
+            ]
+            time.sleep(0.05)
+            live_ms = [timed(lambda: client.get("/health/live"))[0] for _ in range(5)]
+            for future in in_flight:
+                future.result().raise_for_status()
+        results["live_while_8_verify_max_ms"] = round(max(live_ms), 1)
+        results["live_while_8_verify_p50_ms"] = round(statistics.median(live_ms), 1)
         memory = memory_kb(server.pid)
         results["server_rss_mb"] = round(memory["VmRSS"] / 1024)
         results["server_peak_rss_mb"] = round(memory["VmHWM"] / 1024)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
     print(json.dumps(results, indent=2))
     if args.json:

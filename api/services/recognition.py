@@ -26,7 +26,7 @@ from api.services.detection import DetectedFace
 from api.services.engine import FaceEngine, FaceSelection
 from api.services.imaging import decode_image
 from api.services.matching import Calibration, distance_from_similarity, similarity_from_cosine
-from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, UserMatch, UserRecord
+from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, UserMatch, UserRecord, WriteGuard
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,14 @@ class RecognitionService:
                     threshold=round(threshold, 4),
                 )
 
+    def _checked_guard(
+        self, found: list[FoundFace], embeddings: np.ndarray, reference: np.ndarray, allow_duplicate: bool
+    ) -> WriteGuard | None:
+        """The consistency check of new faces (against ``reference``, the user's stored ones), then the write
+        guard that refuses duplicates, unless they are allowed."""
+        self._check_consistent(found, embeddings, reference)
+        return None if allow_duplicate else self._refuse_duplicates
+
     def _refuse_duplicates(self, found: SearchResult) -> None:
         """The store's write guard: runs inside the write's lock or transaction, so two registrations of one
         new face (on any nodes) cannot both pass it. ``found`` holds each new face's best other user."""
@@ -248,11 +256,9 @@ class RecognitionService:
     ) -> RegisterOutcome:
         store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
         found, rejected = self._collect(uploads, refuse_spoofs, face_crop)
-        embeddings = self._embed_found(found)
-        self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
-        guard = None if allow_duplicate else self._refuse_duplicates
-        user = store.add_user(name, embeddings, self.engine.model_id, collection=collection, guard=guard)
-        return RegisterOutcome(user, rejected)
+        return self.register_embedded(
+            store, name, found, rejected, self._embed_found(found), allow_duplicate, collection
+        )
 
     def add_faces(
         self,
@@ -267,8 +273,7 @@ class RecognitionService:
         existing = store.embeddings_of(user_id, collection=collection)  # USER_NOT_FOUND before any inference
         found, rejected = self._collect(uploads, refuse_spoofs, face_crop)
         embeddings = self._embed_found(found)
-        self._check_consistent(found, embeddings, np.asarray(existing, np.float32))
-        guard = None if allow_duplicate else self._refuse_duplicates
+        guard = self._checked_guard(found, embeddings, np.asarray(existing, np.float32), allow_duplicate)
         user = store.add_faces(user_id, embeddings, self.engine.model_id, collection=collection, guard=guard)
         return RegisterOutcome(user, rejected)
 
@@ -342,12 +347,12 @@ class RecognitionService:
         allow_duplicate: bool,
         collection: str = DEFAULT_COLLECTION,
     ) -> RegisterOutcome:
-        """Register's last steps for faces that were embedded elsewhere (``embeddings[i]`` is ``found[i]``'s
-        descriptor): the consistency check, then ``add_user`` with the duplicate check as its write guard, so
-        bulk enrolment stores exactly what ``POST /api/register`` would."""
+        """Register's last steps once the faces are embedded (``embeddings[i]`` is ``found[i]``'s descriptor):
+        the consistency check, then ``add_user`` with the duplicate check as its write guard. ``register`` ends
+        here, and bulk enrolment, which embeds many people's faces in one batch, too: both store the same."""
         if len(embeddings) != len(found):
             raise ValueError(f"{len(found)} faces but {len(embeddings)} descriptors")
-        self._check_consistent(found, embeddings, np.zeros((0, embeddings.shape[1]), np.float32))
-        guard = None if allow_duplicate else self._refuse_duplicates
+        no_faces_yet = np.zeros((0, embeddings.shape[1]), np.float32)
+        guard = self._checked_guard(found, embeddings, no_faces_yet, allow_duplicate)
         user = store.add_user(name, embeddings, self.engine.model_id, collection=collection, guard=guard)
         return RegisterOutcome(user, rejected)
