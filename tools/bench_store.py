@@ -64,7 +64,7 @@ from api.config import REPO_ROOT, Settings
 from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, StoredUser, UserRecord, open_store_at
 from api.store.base import CollectionInfo
 from api.store.copy import copy_store
-from tools.common import configured_embedder, lfw_images, memory_kb
+from tools.common import configured_embedder, embedder_tag, lfw_images, memory_kb
 
 # The configured embedder's descriptor size (FACE_EMBEDDER): 128 for dlib-resnet, 640 for the fused
 # dlib-resnet+facenet. bench() sets it once from the embedder, before any gallery or probe is made, and the
@@ -74,12 +74,6 @@ TOP_K = 5  # what /api/verify asks the store for by default
 OUT = REPO_ROOT / "reports" / "bench_store"
 MAX_PROBES_PER_PERSON = 5  # George W. Bush alone has 77 photos in LFW View 1
 TIE = 1e-5  # two users whose best cosines differ less than this are the same answer for recall
-
-
-def embedder_suffix() -> str:
-    """A file-name suffix for galleries and caches of an embedder other than the default one."""
-    name = Settings().embedder
-    return "" if name == "dlib-resnet" else "_" + "".join(c if c.isalnum() else "_" for c in name)
 
 
 def faces_per_user_for(users: int, override: int | None) -> int:
@@ -646,7 +640,7 @@ def measure_service(url: str, requests: int) -> dict[str, Any]:
 def run_case(
     backend: str, gallery: Gallery, probes: Probes, args: argparse.Namespace, server_url: str | None
 ) -> dict[str, Any]:
-    name = f"{backend}_{gallery.users}_f{gallery.faces_per_user}{embedder_suffix()}"
+    name = f"{backend}_{gallery.users}_f{gallery.faces_per_user}{embedder_tag()}"
     if gallery.synthetic != "random":
         name += "_lfwlike"
     if backend == "postgres" and (args.hnsw_m, args.hnsw_ef_construction) != (16, 64):
@@ -885,7 +879,7 @@ def bench(args: argparse.Namespace) -> None:
         "skipped": [],
     }
     # --lfw-users 0: synthetic faces alone, without computing (or loading) the LFW descriptors at all.
-    people = lfw_descriptors(args.out / f"lfw_descriptors{embedder_suffix()}.npz") if args.lfw_users else {}
+    people = lfw_descriptors(args.out / f"lfw_descriptors{embedder_tag()}.npz") if args.lfw_users else {}
     print(f"LFW: {sum(map(len, people.values()))} descriptors of {len(people)} people", flush=True)
     server_url: str | None = args.store_url
     started_server = False

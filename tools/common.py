@@ -19,9 +19,11 @@ __all__ = [
     "SHARED",
     "Pair",
     "configured_embedder",
+    "embedder_tag",
     "lfw_image_path",
     "lfw_images",
     "memory_kb",
+    "non_default_embedder",
     "read_pairs",
 ]
 
@@ -89,3 +91,17 @@ def memory_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields
+
+
+def non_default_embedder() -> str | None:
+    """``FACE_EMBEDDER`` when it selects another embedder than the default one, else None."""
+    from api.config import Settings
+
+    embedder = Settings().embedder
+    return None if embedder == Settings.model_fields["embedder"].default else embedder
+
+
+def embedder_tag() -> str:
+    """A file-name suffix that keeps the caches and results of a non-default embedder apart ("" by default)."""
+    embedder = non_default_embedder()
+    return "" if embedder is None else "_" + "".join(c if c.isalnum() else "_" for c in embedder)

@@ -44,7 +44,7 @@ from api.errors import FaceServiceError
 from api.services.engine import FaceEngine, FaceSelection, build_engine, central_face_index
 from api.services.imaging import decode_image
 from api.services.matching import Calibration, similarity_from_cosine
-from tools.common import LFW, REPO_ROOT, Pair, read_pairs
+from tools.common import LFW, REPO_ROOT, Pair, embedder_tag, non_default_embedder, read_pairs
 
 Represent = Callable[[Path], np.ndarray | None]
 Box = tuple[float, float, float, float]
@@ -60,10 +60,8 @@ def service_engine() -> FaceEngine:
 
 
 def cache_name(pipeline: str, selection: str) -> str:
-    """Descriptor cache file of a pipeline; ``ours`` is keyed by the configured embedder too (FACE_EMBEDDER)."""
-    if pipeline == "ours":
-        pipeline = "ours_" + "".join(c if c.isalnum() or c in "-." else "_" for c in Settings().embedder)
-    return f"cache_{pipeline}_{selection}.npz"
+    """Descriptor cache file of a pipeline; ``ours`` is keyed by a non-default embedder too (FACE_EMBEDDER)."""
+    return f"cache_{pipeline}{embedder_tag() if pipeline == 'ours' else ''}_{selection}.npz"
 
 
 def ours_pipeline(selection: FaceSelection) -> Represent:
@@ -249,12 +247,9 @@ class AllPairs:
 
 def impostor_similarities(paths: list[Path], vectors: dict[Path, np.ndarray | None]) -> np.ndarray:
     """Similarity of every cross-identity pair of these images (the person is the image's folder)."""
-    kept = [(p.parent.name, vectors[p]) for p in paths if vectors[p] is not None]
-    names = np.array([n for n, _ in kept])
-    matrix = np.stack([v for _, v in kept]).astype(np.float32)
-    cosines = matrix @ matrix.T
-    upper = np.triu(np.ones_like(cosines, dtype=bool), k=1) & (names[:, None] != names[None, :])
-    impostor = np.asarray(similarity_from_cosine(cosines[upper].astype(np.float64)))
+    pairs = AllPairs(paths, vectors)
+    cosines = pairs.matrix @ pairs.matrix.T
+    impostor = np.asarray(similarity_from_cosine(cosines[pairs.impostor].astype(np.float64)))
     print(f"  impostor comparisons for calibration: {impostor.size:,}")
     return impostor
 
@@ -322,8 +317,8 @@ def at_threshold(label: str, threshold: float, scores: np.ndarray, same: np.ndar
 
 def _embedder_prefix() -> str:
     """How a command line selects the configured embedder (nothing for the default one)."""
-    embedder = Settings().embedder
-    return "" if embedder == Settings.model_fields["embedder"].default else f"FACE_EMBEDDER={embedder} "
+    embedder = non_default_embedder()
+    return f"FACE_EMBEDDER={embedder} " if embedder else ""
 
 
 def write_calibration(paths: list[Path], vectors: dict[Path, np.ndarray | None], selection: str, target: Path) -> None:

@@ -101,7 +101,7 @@ class BoxAligner(SimilarityAligner):
     """
 
     def __init__(self, margin: float, size: int, shift_y: float = 0.0) -> None:
-        super().__init__(DLIB_CHIP_TEMPLATE, size)
+        super().__init__(DLIB_CHIP_TEMPLATE, size)  # the template goes unused: the box alone places the crop
         self.margin = margin
         self.shift_y = shift_y  # the crop's centre moves down by this fraction of the box's height
 

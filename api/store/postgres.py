@@ -27,7 +27,6 @@ then ranked: the 1:N threshold is applied by the caller after this grouping by u
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import re
@@ -779,8 +778,9 @@ class PostgresFaceStore:
             )
         exclude = sql.SQL("AND user_id <> %(exclude)s") if exclude_user is not None else sql.SQL("")
         if faces <= self._options.exact_search_max_faces:
-            exact = self._search_exactly(conn, model_id, collection, probes, top_k, exclude_user, users, faces)
-            return dataclasses.replace(exact, other_models=other_models)
+            return self._search_exactly(
+                conn, model_id, collection, probes, top_k, exclude_user, users, faces, other_models
+            )
         # set_config(..., true) is SET LOCAL: it lasts until this transaction ends, also on a pooled connection
         # and inside the transaction Citus or a pooler in transaction mode sends to one node.
         conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(self._options.ef_search),))
@@ -834,6 +834,7 @@ class PostgresFaceStore:
         exclude_user: str | None,
         users: int,
         faces: int,
+        other_models: dict[str, int],
     ) -> SearchResult:
         """Every face of the gallery scored in float32 (the btree on (collection, model_id) finds them)."""
         from psycopg import sql
@@ -860,7 +861,7 @@ class PostgresFaceStore:
             }
             rows = conn.execute(query, params).fetchall()
             matches.append([UserMatch(r[0], bytes(r[1]).decode("utf-8"), float(r[2])) for r in rows])
-        return SearchResult(users, faces, matches)
+        return SearchResult(users, faces, matches, other_models)
 
 
 _USER_COLUMNS = "id, name, model_id, created_at, updated_at, faces, collection"
