@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from fastapi import Depends, Form, Query, Request, Security, UploadFile
+from fastapi import Depends, File, Form, Query, Request, Security, UploadFile
 from fastapi.security import APIKeyHeader
 
 from api.composition import Models
@@ -20,7 +22,7 @@ from api.errors import (
 from api.security import API_KEY_HEADER, AuditLog, Authenticator, Caller, RateLimiter
 from api.services.analysis import AntiSpoofingAnalyzer, EmotionAnalyzer
 from api.services.inference import InferenceRunner
-from api.services.recognition import ImageUpload, RecognitionService
+from api.services.recognition import ImageUpload, RecognitionService, RegisterOptions
 from api.state import AppState, ModelLoading
 from api.store import DEFAULT_COLLECTION, FaceStore
 from api.store.base import COLLECTION_NAME_PATTERN
@@ -43,28 +45,23 @@ def get_settings(state: StateDep) -> Settings:
     return state.settings
 
 
-def get_store(state: StateDep) -> FaceStore:
-    return state.store
+def state_part(attribute: str) -> Callable[[AppState], Any]:
+    """A dependency that answers one part of the app's state; one function per part, so that a test can override
+    each part alone (``app.dependency_overrides[get_store] = ...``)."""
+
+    def dependency(state: StateDep) -> Any:
+        return getattr(state, attribute)
+
+    dependency.__name__ = dependency.__qualname__ = f"get_{attribute}"
+    return dependency
 
 
-def get_runner(state: StateDep) -> InferenceRunner:
-    return state.runner
-
-
-def get_authenticator(state: StateDep) -> Authenticator:
-    return state.authenticator
-
-
-def get_rate_limiter(state: StateDep) -> RateLimiter:
-    return state.rate_limiter
-
-
-def get_audit(state: StateDep) -> AuditLog:
-    return state.audit
-
-
-def get_loading(state: StateDep) -> ModelLoading:
-    return state.loading
+get_store = state_part("store")
+get_runner = state_part("runner")
+get_authenticator = state_part("authenticator")
+get_rate_limiter = state_part("rate_limiter")
+get_audit = state_part("audit")
+get_loading = state_part("loading")
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -144,6 +141,24 @@ ClientDep = Annotated[Caller, Depends(require_client)]
 AdminDep = Annotated[Caller, Depends(require_admin)]
 
 
+@dataclass(frozen=True)
+class AuditedAdmin:
+    """An admin caller bound to the audit log: every change it records names who made it."""
+
+    caller: Caller
+    audit: AuditLog
+
+    def record(self, action: str, user_id: str | None, **facts: str | int) -> None:
+        self.audit.record(self.caller, action, user_id, **facts)
+
+
+def get_audited_admin(caller: AdminDep, audit: AuditDep) -> AuditedAdmin:
+    return AuditedAdmin(caller, audit)
+
+
+AuditedAdminDep = Annotated[AuditedAdmin, Depends(get_audited_admin)]
+
+
 def get_collection(
     authenticator: AuthenticatorDep,
     caller: CallerDep,
@@ -187,6 +202,20 @@ def refuse_spoofs(settings: Settings, flag: bool | None) -> bool:
     return settings.require_liveness if flag is None else flag
 
 
+def get_register_options(
+    settings: SettingsDep,
+    collection: CollectionDep,
+    allow_duplicate: Annotated[bool, Form()] = False,
+    spoof_check: SpoofCheckFlag = None,
+    face_crop: FaceCropFlag = False,
+) -> RegisterOptions:
+    """The form fields that register and add-faces share, as one value."""
+    return RegisterOptions(allow_duplicate, refuse_spoofs(settings, spoof_check), collection, face_crop)
+
+
+RegisterOptionsDep = Annotated[RegisterOptions, Depends(get_register_options)]
+
+
 async def read_upload(upload: UploadFile, settings: Settings, position: int = 0) -> ImageUpload:
     """The file's bytes, refusing more than the per-image limit without reading the rest."""
     data = await upload.read(settings.max_image_bytes + 1)
@@ -205,3 +234,22 @@ async def read_uploads(uploads: list[UploadFile], settings: Settings) -> list[Im
             limit=settings.max_files_per_request,
         )
     return [await read_upload(upload, settings, i) for i, upload in enumerate(uploads)]
+
+
+async def get_photos(
+    files: Annotated[list[UploadFile], File(description="One or more face photos (repeat the field)")],
+    settings: SettingsDep,
+) -> list[ImageUpload]:
+    """The photos of a registration or face addition (form field ``files``), within the per-request limits."""
+    return await read_uploads(files, settings)
+
+
+PhotosDep = Annotated[list[ImageUpload], Depends(get_photos)]
+
+
+async def get_image(file: Annotated[UploadFile, File(description="A photo")], settings: SettingsDep) -> ImageUpload:
+    """The one photo of an analysis request (form field ``file``), read within the per-image limit."""
+    return await read_upload(file, settings)
+
+
+ImageDep = Annotated[ImageUpload, Depends(get_image)]

@@ -26,7 +26,7 @@ from api.enrollment import (
     scan_people,
     write_report,
 )
-from api.services.recognition import ImageUpload, RecognitionService
+from api.services.recognition import ImageUpload, RecognitionService, RegisterOptions
 from api.store.npz import NpzFaceStore
 
 Photos = dict[str, dict[str, bytes | str]]  # person folder -> file name -> content
@@ -122,7 +122,7 @@ def test_every_person_named_after_their_folder_and_every_rejected_file_reported(
     # The descriptors are those POST /api/register stores for the same photos (embedded in one batch or not).
     reference = NpzFaceStore(tmp_path / "reference.npz")
     uploads = [ImageUpload(n, photos[n]) for n in ("astronaut.jpg", "mirrored.png", "rescaled.webp")]
-    registered = recognition.register(reference, "Eileen Collins", uploads, False, False).user
+    registered = recognition.register(reference, "Eileen Collins", uploads).user
     ours = store.list_users()[0][0]
     np.testing.assert_allclose(store.embeddings_of(ours.id), reference.embeddings_of(registered.id), atol=1e-5)
 
@@ -180,8 +180,10 @@ def test_a_refused_replacement_keeps_the_previous_registration(
 ) -> None:
     store = NpzFaceStore(tmp_path / "x.npz")
     # "Ada" and "Eileen Collins" are the same face (allowed as a duplicate) ...
-    before = recognition.register(store, "Ada", [ImageUpload("a.jpg", photos["astronaut.jpg"])], False, False).user
-    recognition.register(store, "Eileen Collins", [ImageUpload("b.png", photos["mirrored.png"])], True, False)
+    before = recognition.register(store, "Ada", [ImageUpload("a.jpg", photos["astronaut.jpg"])]).user
+    recognition.register(
+        store, "Eileen Collins", [ImageUpload("b.png", photos["mirrored.png"])], RegisterOptions(allow_duplicate=True)
+    )
     # ... then replaced by photos that duplicate Eileen: refused, and Ada stays as she was (same id).
     root = make_people(tmp_path / "people", {"Ada": {"c.webp": photos["rescaled.webp"]}})
     result = enroll(recognition, store, root, replace=True)

@@ -115,6 +115,19 @@ CLIENT_ENDPOINTS: dict[str, dict[str, Any]] = {
 THROUGH = {200, 404, 415, 503}
 
 
+def add_mirrored_face(
+    client: TestClient, user_id: str, photo: np.ndarray, to_jpeg: Any, api_key: str
+) -> httpx.Response:
+    """Add the mirror image of ``photo`` to a user as a second face (a duplicate of the first, allowed)."""
+    mirrored = to_jpeg(np.ascontiguousarray(photo[:, ::-1]))
+    return client.post(
+        f"/api/users/{user_id}/faces",
+        data={"allow_duplicate": "true"},
+        files=[("files", ("m.jpg", mirrored, JPEG))],
+        headers=key(api_key),
+    )
+
+
 def send(client: TestClient, spec: dict[str, Any], api_key: str | None) -> httpx.Response:
     spec = dict(spec)
     if "files" in spec:
@@ -323,13 +336,7 @@ def test_audit_log_records_who_what_when_and_which_user_but_no_biometrics(
     created = register(client, "Audited Person", astronaut_jpeg)
     assert created.status_code == 201, created.text
     user_id = created.json()["user"]["id"]
-    mirrored = to_jpeg(np.ascontiguousarray(astronaut[:, ::-1]))
-    added = client.post(
-        f"/api/users/{user_id}/faces",
-        data={"allow_duplicate": "true"},
-        files=[("files", ("m.jpg", mirrored, JPEG))],
-        headers=key(OTHER_ADMIN_KEY),
-    )
+    added = add_mirrored_face(client, user_id, astronaut, to_jpeg, OTHER_ADMIN_KEY)
     assert added.status_code == 200, added.text
     assert client.patch(f"/api/users/{user_id}", json={"name": "Renamed"}, headers=key(ADMIN_KEY)).status_code == 200
     embeddings = secured.store.embeddings_of(user_id)
@@ -381,13 +388,7 @@ def test_deleted_user_leaves_no_trace_in_the_store_file(
     doomed = register(client, name, astronaut_jpeg)
     assert doomed.status_code == 201, doomed.text
     doomed_id = doomed.json()["user"]["id"]
-    mirrored = to_jpeg(np.ascontiguousarray(astronaut[:, ::-1]))
-    extra = client.post(
-        f"/api/users/{doomed_id}/faces",
-        data={"allow_duplicate": "true"},
-        files=[("files", ("m.jpg", mirrored, JPEG))],
-        headers=key(ADMIN_KEY),
-    )
+    extra = add_mirrored_face(client, doomed_id, astronaut, to_jpeg, ADMIN_KEY)
     assert extra.status_code == 200, extra.text
     kept = register(client, "Kept", to_jpeg(astronaut[10:, 10:]), allow_duplicate="true")
     assert kept.status_code == 201, kept.text

@@ -223,6 +223,10 @@ def register(*inputs: str, name: str = "Bad Input", **form: str) -> Send:
     )
 
 
+def compare(first: str, second: Upload) -> Send:
+    return Send("POST", "/api/compare", files=(Upload("image1", first), second))
+
+
 def upload(url: str, payload: str) -> Send:
     return Send("POST", url, files=(Upload("file", payload),))
 
@@ -246,12 +250,7 @@ CASES: tuple[Case, ...] = (
     # Wrong types: judged by content, never by name or declared type.
     Case("wrong type: GIF", VERIFY, verify("gif", "a.gif", "image/gif"), UNSUPPORTED),
     Case("wrong type: TIFF named .jpg", VERIFY, verify("tiff"), UNSUPPORTED),
-    Case(
-        "wrong type: text/CSV",
-        COMPARE,
-        Send("POST", "/api/compare", files=(Upload("image1", PHOTO), Upload("image2", "csv", "a.csv", "text/csv"))),
-        UNSUPPORTED,
-    ),
+    Case("wrong type: text/CSV", COMPARE, compare(PHOTO, Upload("image2", "csv", "a.csv", "text/csv")), UNSUPPORTED),
     Case("wrong type: PDF", REGISTER, register("pdf"), UNSUPPORTED),
     Case("PNG sent as image/jpeg named .jpg (accepted by content)", VERIFY, verify("astronaut_png"), OK),
     Case("EXIF orientation 6 (stored sideways)", VERIFY, verify("exif_rotated_jpeg"), OK),
@@ -263,12 +262,7 @@ CASES: tuple[Case, ...] = (
     Case("8000x8000 JPEG (64 MP > 40 MP)", "POST /api/anti-spoof", upload("/api/anti-spoof", "jpeg_8000"), TOO_LARGE),
     Case("6000x6000 JPEG (36 MP: decoded)", VERIFY, verify("jpeg_6000"), (422, "NO_FACE")),
     Case("file over 10 MB (image byte limit)", VERIFY, verify("jpeg_plus_10_mib"), TOO_LARGE),
-    Case(
-        "body over 20 MB (declared length)",
-        REGISTER,
-        register("jpeg_plus_11_mib", "jpeg_plus_11_mib"),
-        PAYLOAD_TOO_LARGE,
-    ),
+    Case("body over 20 MB (declared length)", REGISTER, register(*["jpeg_plus_11_mib"] * 2), PAYLOAD_TOO_LARGE),
     Case(
         "body over 20 MB (chunked, no length)",
         VERIFY,

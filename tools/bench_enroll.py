@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def naive(label: str, subset: list) -> None:
         from api.errors import FaceServiceError
-        from api.services.recognition import ImageUpload
+        from api.services.recognition import ImageUpload, RegisterOptions
 
         store = open_store_at(str(scratch / f"{label}.npz"), settings)
         load_before, cpu, started = _load(), time.process_time(), time.monotonic()
@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             uploads = [ImageUpload(p.name, (args.people_dir / p).read_bytes()) for p in person.photos]
             photos += len(uploads)
             try:
-                recognition.register(store, person.name, uploads, False, settings.require_liveness)
+                options = RegisterOptions(refuse_spoofs=settings.require_liveness)
+                recognition.register(store, person.name, uploads, options)
                 registered += 1
             except FaceServiceError:
                 pass

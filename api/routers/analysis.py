@@ -2,9 +2,9 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, Form
 
-from api.deps import AntiSpoofingDep, ClientDep, EmotionDep, FaceCropFlag, RunnerDep, SettingsDep, read_upload
+from api.deps import AntiSpoofingDep, ClientDep, EmotionDep, FaceCropFlag, ImageDep, RunnerDep
 from api.routers._convert import box_of
 from api.schemas.analysis import AntiSpoofResult, EmotionResult, EmotionScores, FaceEmotion, FaceSpoofScore
 from api.schemas.common import error_responses
@@ -22,13 +22,11 @@ async def emotion(
     _: ClientDep,
     analyzer: EmotionDep,
     runner: RunnerDep,
-    settings: SettingsDep,
-    file: Annotated[UploadFile, File()],
+    image: ImageDep,
     all_faces: Annotated[bool, Form(description="false: only the largest face")] = True,
     face_crop: FaceCropFlag = False,
 ) -> EmotionResult:
-    upload = await read_upload(file, settings)
-    outcomes = await runner.run(analyzer.analyze, upload.data, all_faces, face_crop)
+    outcomes = await runner.run(analyzer.analyze, image.data, all_faces, face_crop)
     return EmotionResult(
         faces=[
             FaceEmotion(
@@ -51,11 +49,9 @@ async def anti_spoof(
     _: ClientDep,
     analyzer: AntiSpoofingDep,
     runner: RunnerDep,
-    settings: SettingsDep,
-    file: Annotated[UploadFile, File()],
+    image: ImageDep,
     face_crop: FaceCropFlag = False,
 ) -> AntiSpoofResult:
-    upload = await read_upload(file, settings)
-    outcomes = await runner.run(analyzer.analyze, upload.data, face_crop)
+    outcomes = await runner.run(analyzer.analyze, image.data, face_crop)
     faces = [FaceSpoofScore(box=box_of(o.face), is_real=o.is_real, real_score=round(o.real_score, 6)) for o in outcomes]
     return AntiSpoofResult(is_real=faces[0].is_real, faces=faces)

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, status
 
-from api.deps import AdminDep, AuditDep, AuthenticatorDep, RunnerDep, StoreDep
+from api.deps import AdminDep, AuditedAdminDep, AuthenticatorDep, RunnerDep, StoreDep
 from api.schemas.collections import Collection, CollectionCreate, CollectionDeleted
 from api.schemas.common import error_responses
 from api.store import CollectionInfo
@@ -33,16 +33,15 @@ async def list_collections(caller: AdminDep, store: StoreDep, runner: RunnerDep)
     responses=error_responses(401, 403, 409, 422, 429),
 )
 async def create_collection(
-    caller: AdminDep,
+    admin: AuditedAdminDep,
     authenticator: AuthenticatorDep,
-    audit: AuditDep,
     store: StoreDep,
     runner: RunnerDep,
     body: CollectionCreate,
 ) -> Collection:
-    authenticator.authorise_collection(caller, body.name)
+    authenticator.authorise_collection(admin.caller, body.name)
     info = await runner.run(store.create_collection, body.name)
-    audit.record(caller, "create_collection", None, collection=body.name)
+    admin.record("create_collection", None, collection=body.name)
     return collection_of(info)
 
 
@@ -65,15 +64,14 @@ async def get_collection(
     responses=error_responses(401, 403, 404, 409, 429),
 )
 async def delete_collection(
-    caller: AdminDep,
+    admin: AuditedAdminDep,
     authenticator: AuthenticatorDep,
-    audit: AuditDep,
     store: StoreDep,
     runner: RunnerDep,
     name: CollectionName,
     force: Annotated[bool, Query(description="Delete the collection's users with it")] = False,
 ) -> CollectionDeleted:
-    authenticator.authorise_collection(caller, name)
+    authenticator.authorise_collection(admin.caller, name)
     deleted = await runner.run(store.delete_collection, name, force=force)
-    audit.record(caller, "delete_collection", None, collection=name, users_deleted=deleted)
+    admin.record("delete_collection", None, collection=name, users_deleted=deleted)
     return CollectionDeleted(name=name, users_deleted=deleted)

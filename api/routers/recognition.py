@@ -5,19 +5,19 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile, status
 
 from api.deps import (
-    AdminDep,
-    AuditDep,
+    AuditedAdminDep,
     AuthenticatorDep,
     ClientDep,
     CollectionDep,
     FaceCropFlag,
+    PhotosDep,
     RecognitionDep,
+    RegisterOptionsDep,
     RunnerDep,
     SettingsDep,
     SpoofCheckFlag,
     StoreDep,
     read_upload,
-    read_uploads,
     refuse_spoofs,
 )
 from api.routers._convert import face_box, register_result
@@ -44,31 +44,16 @@ ThresholdField = Annotated[
     responses=error_responses(401, 403, 409, 413, 415, 422, 429, 503),
 )
 async def register(
-    caller: AdminDep,
-    audit: AuditDep,
+    admin: AuditedAdminDep,
     recognition: RecognitionDep,
     store: StoreDep,
     runner: RunnerDep,
-    settings: SettingsDep,
-    collection: CollectionDep,
+    options: RegisterOptionsDep,
     name: Annotated[str, Form(min_length=1, max_length=200, examples=["Ada Lovelace"])],
-    files: Annotated[list[UploadFile], File(description="One or more face photos (repeat the field)")],
-    allow_duplicate: Annotated[bool, Form()] = False,
-    spoof_check: SpoofCheckFlag = None,
-    face_crop: FaceCropFlag = False,
+    photos: PhotosDep,
 ) -> RegisterResult:
-    uploads = await read_uploads(files, settings)
-    outcome = await runner.run(
-        recognition.register,
-        store,
-        name,
-        uploads,
-        allow_duplicate,
-        refuse_spoofs(settings, spoof_check),
-        collection,
-        face_crop,
-    )
-    audit.record(caller, "register", outcome.user.id, collection=collection, faces=outcome.user.faces)
+    outcome = await runner.run(recognition.register, store, name, photos, options)
+    admin.record("register", outcome.user.id, collection=options.collection, faces=outcome.user.faces)
     return register_result(outcome)
 
 

@@ -3,20 +3,17 @@ id of another collection answers 404, exactly like an unknown one)."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Path, Query, Response, UploadFile, status
+from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import (
     AdminDep,
-    AuditDep,
+    AuditedAdminDep,
     CollectionDep,
-    FaceCropFlag,
+    PhotosDep,
     RecognitionDep,
+    RegisterOptionsDep,
     RunnerDep,
-    SettingsDep,
-    SpoofCheckFlag,
     StoreDep,
-    read_uploads,
-    refuse_spoofs,
 )
 from api.routers._convert import register_result, user_of
 from api.schemas.common import error_responses
@@ -47,8 +44,7 @@ async def get_user(_: AdminDep, store: StoreDep, runner: RunnerDep, collection: 
 
 @router.patch("/{user_id}", response_model=User, summary="Rename a user", responses=error_responses(401, 403, 404, 422))
 async def rename_user(
-    caller: AdminDep,
-    audit: AuditDep,
+    admin: AuditedAdminDep,
     store: StoreDep,
     runner: RunnerDep,
     collection: CollectionDep,
@@ -56,7 +52,7 @@ async def rename_user(
     body: UserRename,
 ) -> User:
     record = await runner.run(store.rename, user_id, body.name, collection=collection)
-    audit.record(caller, "rename", user_id, collection=collection)
+    admin.record("rename", user_id, collection=collection)
     return user_of(record)
 
 
@@ -67,10 +63,10 @@ async def rename_user(
     responses=error_responses(401, 403, 404, 429),
 )
 async def delete_user(
-    caller: AdminDep, audit: AuditDep, store: StoreDep, runner: RunnerDep, collection: CollectionDep, user_id: UserId
+    admin: AuditedAdminDep, store: StoreDep, runner: RunnerDep, collection: CollectionDep, user_id: UserId
 ) -> Response:
     await runner.run(store.delete, user_id, collection=collection)
-    audit.record(caller, "delete", user_id, collection=collection)
+    admin.record("delete", user_id, collection=collection)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -81,29 +77,14 @@ async def delete_user(
     responses=error_responses(401, 403, 404, 409, 413, 415, 422, 429, 503),
 )
 async def add_faces(
-    caller: AdminDep,
-    audit: AuditDep,
+    user_id: UserId,
+    admin: AuditedAdminDep,
     recognition: RecognitionDep,
     store: StoreDep,
     runner: RunnerDep,
-    settings: SettingsDep,
-    collection: CollectionDep,
-    user_id: UserId,
-    files: Annotated[list[UploadFile], File(description="One or more face photos of this user")],
-    allow_duplicate: Annotated[bool, Form()] = False,
-    spoof_check: SpoofCheckFlag = None,
-    face_crop: FaceCropFlag = False,
+    options: RegisterOptionsDep,
+    photos: PhotosDep,
 ) -> RegisterResult:
-    uploads = await read_uploads(files, settings)
-    outcome = await runner.run(
-        recognition.add_faces,
-        store,
-        user_id,
-        uploads,
-        allow_duplicate,
-        refuse_spoofs(settings, spoof_check),
-        collection,
-        face_crop,
-    )
-    audit.record(caller, "add_faces", user_id, collection=collection, faces=outcome.user.faces)
+    outcome = await runner.run(recognition.add_faces, store, user_id, photos, options)
+    admin.record("add_faces", user_id, collection=options.collection, faces=outcome.user.faces)
     return register_result(outcome)

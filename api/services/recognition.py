@@ -49,21 +49,37 @@ class FoundFace:
     face: DetectedFace
 
 
+@dataclass(frozen=True)
+class RegisterOptions:
+    """How a registration, or an addition of faces to a user, treats its photos."""
+
+    allow_duplicate: bool = False  # store a face that already matches a registered user of the collection
+    refuse_spoofs: bool = False  # run the anti-spoofing gate on every photo
+    collection: str = DEFAULT_COLLECTION
+    face_crop: bool = False  # every photo is already cropped to one face
+
+
 @dataclass
 class RegisterOutcome:
     user: UserRecord
     rejected: list[tuple[str, FaceServiceError]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Match:
-    user_id: str
-    name: str
+class ScoredBySimilarity:
+    """A result scored by calibrated similarity that also reports it as the distance the API shows."""
+
     similarity: float
 
     @property
     def distance(self) -> float:
         return float(distance_from_similarity(self.similarity))
+
+
+@dataclass(frozen=True)
+class Match(ScoredBySimilarity):
+    user_id: str
+    name: str
+    similarity: float
 
 
 @dataclass(frozen=True)
@@ -76,14 +92,10 @@ class VerifyOutcome:
 
 
 @dataclass(frozen=True)
-class CompareOutcome:
+class CompareOutcome(ScoredBySimilarity):
     verified: bool
     similarity: float
     threshold: float
-
-    @property
-    def distance(self) -> float:
-        return float(distance_from_similarity(self.similarity))
 
 
 class RecognitionService:
@@ -245,35 +257,22 @@ class RecognitionService:
 
     # --- use cases --------------------------------------------------------------------------------------
     def register(
-        self,
-        store: FaceStore,
-        name: str,
-        uploads: list[ImageUpload],
-        allow_duplicate: bool,
-        refuse_spoofs: bool,
-        collection: str = DEFAULT_COLLECTION,
-        face_crop: bool = False,
+        self, store: FaceStore, name: str, uploads: list[ImageUpload], options: RegisterOptions = RegisterOptions()
     ) -> RegisterOutcome:
-        store.get_collection(collection)  # COLLECTION_NOT_FOUND before any inference
-        found, rejected = self._collect(uploads, refuse_spoofs, face_crop)
+        store.get_collection(options.collection)  # COLLECTION_NOT_FOUND before any inference
+        found, rejected = self._collect(uploads, options.refuse_spoofs, options.face_crop)
         return self.register_embedded(
-            store, name, found, rejected, self._embed_found(found), allow_duplicate, collection
+            store, name, found, rejected, self._embed_found(found), options.allow_duplicate, options.collection
         )
 
     def add_faces(
-        self,
-        store: FaceStore,
-        user_id: str,
-        uploads: list[ImageUpload],
-        allow_duplicate: bool,
-        refuse_spoofs: bool,
-        collection: str = DEFAULT_COLLECTION,
-        face_crop: bool = False,
+        self, store: FaceStore, user_id: str, uploads: list[ImageUpload], options: RegisterOptions = RegisterOptions()
     ) -> RegisterOutcome:
+        collection = options.collection
         existing = store.embeddings_of(user_id, collection=collection)  # USER_NOT_FOUND before any inference
-        found, rejected = self._collect(uploads, refuse_spoofs, face_crop)
+        found, rejected = self._collect(uploads, options.refuse_spoofs, options.face_crop)
         embeddings = self._embed_found(found)
-        guard = self._checked_guard(found, embeddings, np.asarray(existing, np.float32), allow_duplicate)
+        guard = self._checked_guard(found, embeddings, np.asarray(existing, np.float32), options.allow_duplicate)
         user = store.add_faces(user_id, embeddings, self.engine.model_id, collection=collection, guard=guard)
         return RegisterOutcome(user, rejected)
 
