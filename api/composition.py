@@ -14,14 +14,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from api.config import Settings
 from api.errors import FaceServiceError
 from api.services.analysis import AntiSpoofingAnalyzer, EmotionAnalyzer
+from api.services.batching import BatchedComponent, BatchFunction, DynamicBatcher
 from api.services.recognition import RecognitionService
 from api.store import FaceStore, open_store
+
+if TYPE_CHECKING:
+    from api.services.anti_spoofing import MiniFASNetAntiSpoofing
+    from api.services.engine import FaceEngine
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +41,11 @@ class Models:
     anti_spoofing: AntiSpoofingAnalyzer | None
     names: dict[str, str | None]  # what GET / reports: the id of each loaded model
     unavailable: dict[str, str] = field(default_factory=dict)  # optional feature -> why it is off
+    batchers: list[DynamicBatcher] = field(default_factory=list)
+
+    def close(self) -> None:
+        for batcher in self.batchers:
+            batcher.close()
 
 
 @dataclass
@@ -46,6 +57,7 @@ class FaceService:
     models: Models
 
     def close(self) -> None:
+        self.models.close()
         self.store.close()
 
 
@@ -68,21 +80,30 @@ def load_models(settings: Settings) -> Models:
     from api.services.matching import Calibration
 
     unavailable: dict[str, str] = {}
+    reduce_to = settings.detect_max_side if settings.reduced_decoding else 0
     engine = build_engine(settings)
     engine.warm_up()
     calibration = Calibration.load(settings.resources_dir / "calibration.json", engine.model_id)
 
     anti_spoofing_model = None
     try:
-        anti_spoofing_model = MiniFASNetAntiSpoofing(settings.resources_dir / "anti_spoof_models")
+        anti_spoofing_model = MiniFASNetAntiSpoofing(
+            settings.resources_dir / "anti_spoof_models", settings.inference_runtime, settings.inference_threads
+        )
     except FaceServiceError as exc:
         unavailable["anti_spoofing"] = exc.message
         logger.warning("Anti-spoofing is off: %s", exc.message)
 
     emotion = None
     try:
-        classifier = build_emotion_classifier(settings.emotion_model, settings.resources_dir, settings.emotion_tta)
-        emotion = EmotionAnalyzer(engine, classifier, settings.max_image_pixels)
+        classifier = build_emotion_classifier(
+            settings.emotion_model,
+            settings.resources_dir,
+            settings.emotion_tta,
+            settings.inference_runtime,
+            settings.inference_threads,
+        )
+        emotion = EmotionAnalyzer(engine, classifier, settings.max_image_pixels, reduce_to)
     except FaceServiceError as exc:
         unavailable["emotion"] = exc.message
         logger.warning("Emotion analysis is off: %s", exc.message)
@@ -91,12 +112,13 @@ def load_models(settings: Settings) -> Models:
     anti_spoofing = None
     if anti_spoofing_model is not None:
         anti_spoofing = AntiSpoofingAnalyzer(
-            engine, anti_spoofing_model, settings.liveness_threshold, settings.max_image_pixels
+            engine, anti_spoofing_model, settings.liveness_threshold, settings.max_image_pixels, reduce_to
         )
         anti_spoofing_model.real_scores(np.full((240, 320, 3), 128, np.uint8), [(100.0, 60.0, 120.0, 120.0)])
     if emotion is not None:
         emotion.classifier.predict(np.zeros((1, 48, 48), np.uint8))
 
+    batchers = _batch_across_requests(settings, engine, emotion, anti_spoofing_model)
     recognition = RecognitionService(engine, calibration, settings, anti_spoofing_model)
     names = {
         "detector": engine.detector.name,
@@ -105,4 +127,30 @@ def load_models(settings: Settings) -> Models:
         # The key keeps its published name; the value is the anti-spoofing model's id.
         "liveness": None if anti_spoofing_model is None else anti_spoofing_model.model_id,
     }
-    return Models(recognition, emotion, anti_spoofing, names, unavailable)
+    return Models(recognition, emotion, anti_spoofing, names, unavailable, batchers)
+
+
+def _batch_across_requests(
+    settings: Settings,
+    engine: FaceEngine,
+    emotion: EmotionAnalyzer | None,
+    anti_spoofing: MiniFASNetAntiSpoofing | None,
+) -> list[DynamicBatcher]:
+    """Route every model's batch call through a DynamicBatcher, so that the faces of concurrent requests share
+    one call (``FACE_BATCH_MAX_FACES=1`` turns it off). Done after warm-up, so that warm-up runs unbatched."""
+    if settings.batch_max_faces <= 1:
+        return []
+    wait_s = settings.batch_max_wait_ms / 1000.0
+
+    def batcher(function: BatchFunction, name: str) -> DynamicBatcher:
+        return DynamicBatcher(function, name, settings.batch_max_faces, wait_s)
+
+    made = [batcher(engine.embedder.embed, "embedder")]
+    engine.embedder = BatchedComponent(engine.embedder, "embed", made[-1])  # type: ignore[assignment]
+    if emotion is not None:
+        made.append(batcher(emotion.classifier.predict, "emotion"))
+        emotion.classifier = BatchedComponent(emotion.classifier, "predict", made[-1])  # type: ignore[assignment]
+    if anti_spoofing is not None:
+        made.append(batcher(anti_spoofing.score_crops_now, "anti_spoofing"))
+        anti_spoofing.score_crops = made[-1]
+    return made

@@ -46,9 +46,15 @@ class Settings(BaseSettings):
     # Large photos are first searched at this size (0 = off); the full pass runs only if that finds no face
     # or a small one (< 40 px at this size). About 3x faster on single-portrait photos.
     detect_first_pass_side: int = 320
+    # Large JPEGs are decoded at 1/2, 1/4 or 1/8 size (libjpeg's reduced decoding) while their longer side
+    # stays >= detect_max_side; a face too small for the models' crops is then cut from a full-size decode.
+    reduced_decoding: bool = True
     detection_confidence: float = Field(0.6, ge=0.0, le=1.0)
     min_face_size: int = Field(40, description="Faces whose box is smaller (px, original image) are rejected")
     flip_augmentation: bool = True
+    # onnx: every network runs from its ONNX export (built by `make models`) and TensorFlow is never imported;
+    # keras: the .keras files run in TensorFlow (bfloat16 emotion, or a model without an export).
+    inference_runtime: Literal["onnx", "keras"] = "onnx"
 
     # --- matching (similarity units, in [0, 1]) ------------------------------------------------------
     compare_threshold: float | None = Field(None, ge=0.0, le=1.0, description="1:1; None = calibrated value")
@@ -71,8 +77,19 @@ class Settings(BaseSettings):
 
     # --- serving -------------------------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+    # TensorFlow's intra-op pool per model call (pinned: on 2 shared cores larger pools oversubscribe).
     inference_threads: int = Field(2, ge=1)
+    # Requests whose CPU work (decode, detect, the model calls) runs at once; more than the cores, so that a
+    # batch can gather the faces of several requests while others decode and detect. The rest wait in a queue.
+    inference_concurrency: int = Field(8, ge=1, description="Requests doing inference at once per worker")
+    # Requests waiting for their turn beyond those running; one more is refused with 503 OVERLOADED and
+    # Retry-After instead of waiting past its deadline (bounded work, quick answers under a burst).
+    max_queued_requests: int = Field(32, ge=0, description="Queued inference requests per worker before 503")
     inference_timeout_s: float = 30.0
+    # Dynamic batching across requests (api.services.batching): at most this many faces per model call
+    # (1 = off), and the longest the first face of a batch waits for the faces of requests already in flight.
+    batch_max_faces: int = Field(8, ge=1, description="Faces per model call across requests; 1 = no batching")
+    batch_max_wait_ms: float = Field(5.0, ge=0.0, le=100.0, description="Longest wait for a batch to fill")
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000

@@ -164,6 +164,21 @@ class InferenceTimeoutError(FaceServiceError):
     status = 503
 
 
+class RetryLaterError(FaceServiceError):
+    """An error the client cures by waiting: the answer carries ``Retry-After`` (seconds)."""
+
+    def __init__(self, message: str, retry_after_s: int, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+class OverloadedError(RetryLaterError):
+    """More inference requests are waiting than the worker's queue holds."""
+
+    code = "OVERLOADED"
+    status = 503
+
+
 class AuthenticationError(FaceServiceError):
     code = "UNAUTHORIZED"
     status = 401
@@ -174,13 +189,9 @@ class ForbiddenError(FaceServiceError):
     status = 403
 
 
-class RateLimitedError(FaceServiceError):
+class RateLimitedError(RetryLaterError):
     code = "RATE_LIMITED"
     status = 429
-
-    def __init__(self, message: str, retry_after_s: int, **details: Any) -> None:
-        super().__init__(message, retry_after_s=retry_after_s, **details)
-        self.headers["Retry-After"] = str(retry_after_s)
 
 
 def error_response(status: int, code: str, message: str, details: dict | None = None) -> JSONResponse:

@@ -71,7 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = AppState(
             settings=settings,
             store=store,
-            runner=InferenceRunner(settings.inference_threads, settings.inference_timeout_s),
+            runner=InferenceRunner(
+                settings.inference_concurrency, settings.inference_timeout_s, settings.max_queued_requests
+            ),
             authenticator=Authenticator(settings.api_keys),
             rate_limiter=RateLimiter(settings.rate_limit, settings.auth_failure_limit),
             audit=AuditLog(settings.audit_log_path),
@@ -83,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             loader.cancel()
+            if state.loading.models is not None:
+                state.loading.models.close()
             store.close()
 
     app = FastAPI(

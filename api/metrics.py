@@ -79,6 +79,13 @@ STAGE_SECONDS = Histogram(
 INFERENCE_QUEUE = Gauge(
     "face_inference_queue_depth", "Requests waiting for or running inference", multiprocess_mode="livesum"
 )
+BATCH_ROWS = Histogram(
+    "face_model_batch_rows",
+    "Rows (faces) per model call of the dynamic batcher, across requests",
+    ["model"],
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+)
+OVERLOADED = Counter("face_overloaded_total", "Requests refused with 503 OVERLOADED (the inference queue was full)")
 MODEL_LOAD_SECONDS = Gauge(
     "face_model_load_seconds", "Seconds the models took to load and warm up, per worker", multiprocess_mode="liveall"
 )

@@ -34,11 +34,17 @@ def shared_dir() -> Path:
 
 
 def _built_model(repo_file: Path, build: Callable[[], Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``repo_file`` when set-up made it, else a fresh build of it in a temporary folder."""
-    if repo_file.is_file():
-        return repo_file
-    path = tmp_path_factory.mktemp("models") / repo_file.name
-    build().save(path)
+    """``repo_file`` when set-up made it, else a fresh build of it in a temporary folder; either way with its
+    ONNX export beside it (what the service runs)."""
+    from api.ml.runtime import export_onnx, onnx_path_of
+
+    path = repo_file
+    if not repo_file.is_file():
+        path = tmp_path_factory.mktemp("models") / repo_file.name
+        build().save(path)
+    onnx_path = onnx_path_of(path)
+    if not onnx_path.is_file() or onnx_path.stat().st_mtime < path.stat().st_mtime:
+        export_onnx(path)
     return path
 
 

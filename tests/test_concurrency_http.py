@@ -14,7 +14,7 @@ when its answer arrived. Afterwards:
   same users and descriptor rows.
 
 The default run has 100 operations (plus 10 list reads), ~40 s with the server's start-up; a 500-operation
-soak is marked ``slow`` (``make test-long``).
+soak is marked ``slow`` (``make test-long``). A burst beyond the inference queue is shed with 503 OVERLOADED.
 """
 
 from __future__ import annotations
@@ -317,3 +317,41 @@ def test_500_concurrent_operations_on_two_workers(
     live_server: Callable, tmp_path: Path, people: list[list[bytes]], request: pytest.FixtureRequest
 ) -> None:
     concurrent_run(live_server, tmp_path, people, 500, request)
+
+
+def test_a_burst_beyond_the_queue_is_shed_with_503_overloaded_and_the_service_recovers(
+    live_server: Callable, astronaut: np.ndarray, to_jpeg: Callable[..., bytes]
+) -> None:
+    """One inference at a time and two waiting: a burst of 16 verifies gets quick 503 OVERLOADED answers with
+    Retry-After for what does not fit, never a timeout or a 500; every accepted request succeeds, and once
+    the burst is over the service answers as before."""
+    server = live_server(FACE_INFERENCE_CONCURRENCY="1", FACE_MAX_QUEUED_REQUESTS="2")
+    photo = to_jpeg(astronaut)
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        registered = http.post("/api/register", data={"name": "A"}, files={"files": ("a.jpg", photo, JPEG)})
+        assert registered.status_code == 201, registered.text
+
+    gate = threading.Barrier(16)
+
+    def one() -> httpx.Response:
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            gate.wait()
+            return http.post("/api/verify", files={"file": ("a.jpg", photo, JPEG)})
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: one(), range(16)))
+    statuses = Counter(a.status_code for a in answers)
+    assert set(statuses) == {200, 503}, statuses
+    assert statuses[200] >= 3 and statuses[503] >= 1, statuses
+    for answer in answers:
+        if answer.status_code == 503:
+            assert answer.json()["error"]["code"] == "OVERLOADED", answer.text
+            assert int(answer.headers["Retry-After"]) >= 1
+        else:
+            assert answer.json()["verified"] is True
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        after = [http.post("/api/verify", files={"file": ("a.jpg", photo, JPEG)}) for _ in range(3)]
+        assert [a.status_code for a in after] == [200, 200, 200]
+        metrics = http.get("/metrics").text
+    refused = [line for line in metrics.splitlines() if line.startswith("face_overloaded_total")]
+    assert refused and float(refused[0].split()[-1]) == statuses[503], refused

@@ -17,6 +17,11 @@ from the offline mirror in ``FACE_MODELS_MIRROR`` (layout ``anti_spoof/<file>``,
 the folder) or else downloaded from upstream, and checked against their sha256. Each is converted to a
 ``.keras`` file beside it, unless that file is already newer than its ``.pth``.
 
+ONNX exports: every ``.keras`` file a component loads (the two embedders, the committed emotion model, both
+MiniFASNets) is exported to ``<name>.onnx`` beside it, which is what the service runs by default
+(``api.ml.runtime``), unless the export is already newer than its ``.keras``. Each export is checked
+against Keras on random inputs before it is saved.
+
 Each step is a function of a ``FetchContext`` listed in ``STEPS``; a step raises ``FetchError`` with a
 message for the user, and ``main`` stops at the first one that fails.
 """
@@ -259,7 +264,42 @@ def main(argv: list[str] | None = None) -> int:
         except FetchError as err:
             print(f"error: {err}", file=sys.stderr)
             return 1
+    print("== ONNX exports (the service's default runtime)")
+    try:
+        export_onnx_files(ctx)
+    except FetchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def export_onnx_files(ctx: FetchContext) -> None:
+    """``<name>.onnx`` beside every ``.keras`` file of the registry that is present and newer than its export.
+    A component whose files are absent (e.g. anti-spoofing without its weights) is passed over: the service
+    switches that feature off and says why."""
+    from api.ml.runtime import onnx_path_of
+
+    root = ctx.resources_dir.parent
+    pending = []
+    for component in MODELS.values():
+        for name in component.files:
+            keras_path = root / name
+            if keras_path.suffix != ".keras" or not keras_path.is_file():
+                continue
+            if is_up_to_date(onnx_path_of(keras_path), keras_path):
+                print(f"{onnx_path_of(keras_path).relative_to(root)} is up to date")
+            else:
+                pending.append(keras_path)
+    if not pending:
+        return
+    from api.ml.runtime import export_onnx  # imports Keras: only when there is something to export
+
+    for keras_path in pending:
+        try:
+            target = export_onnx(keras_path)
+        except ValueError as err:
+            raise FetchError(str(err)) from None
+        print(f"exported {keras_path.relative_to(root)} -> {target.name}")
 
 
 if __name__ == "__main__":

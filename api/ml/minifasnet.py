@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
+
+if TYPE_CHECKING:  # Keras is imported where a model is built: the service only reads the constants here
+    import keras
 
 INPUT_SIZE = 80
 NUM_CLASSES = 3
@@ -110,6 +113,8 @@ class _Builder:
         prelu: bool = True,
     ) -> keras.KerasTensor:
         """Conv (+ folded BN) (+ PReLU), the reference's Conv_block / Linear_block at ``prefix``."""
+        import keras
+
         if kernel > 1 and stride > 1:
             # PyTorch pads 1 pixel on every side; Keras "same" with stride 2 on an even size pads only the
             # bottom/right, which shifts the sampling grid. Pad explicitly to keep the reference's grid.
@@ -129,6 +134,8 @@ class _Builder:
         return x
 
     def squeeze_excite(self, x: keras.KerasTensor, prefix: str, width: int) -> keras.KerasTensor:
+        import keras
+
         gate = keras.layers.GlobalAveragePooling2D(keepdims=True, name=f"{prefix}.pool")(x)
         # The reference's 1x1 convolutions on a 1x1 map are dense layers on the channel vector.
         gate = keras.layers.Dense(width // _SE_REDUCTION, activation="relu", name=f"{prefix}.fc1")(gate)
@@ -147,6 +154,8 @@ class _Builder:
         residual: bool,
         se: bool,
     ) -> keras.KerasTensor:
+        import keras
+
         shortcut = x
         y = self.conv(x, f"{prefix}.conv", expansion)
         y = self.conv(y, f"{prefix}.conv_dw", expansion, kernel=3, stride=stride, depthwise=True)
@@ -159,6 +168,8 @@ class _Builder:
 
 
 def _build(variant: str, input_size: int) -> tuple[keras.Model, list[_Fold]]:
+    import keras
+
     if variant not in _EXPANSIONS:
         raise ValueError(f"unknown MiniFASNet variant {variant!r}; known: {', '.join(VARIANTS)}")
     if input_size % 16:
@@ -234,6 +245,8 @@ def _folded(state: dict[str, np.ndarray], used: set[str], fold: _Fold) -> tuple[
 
 
 def load_state_dict_into(model: keras.Model, folds: list[_Fold], state_dict: dict[str, np.ndarray]) -> None:
+    import keras
+
     state = _strip_prefix(state_dict)
     used: set[str] = set()
     for fold in folds:

@@ -37,7 +37,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Unusable input: INVALID_IMAGE, NO_FACE, FACE_TOO_SMALL, MULTIPLE_FACES, INCONSISTENT_FACES, "
         "SPOOF_DETECTED, TOO_MANY_FILES, VALIDATION_ERROR",
         429: "Rate limit exceeded (RATE_LIMITED); see Retry-After",
-        503: "Models still loading (NOT_READY), a model is unavailable, inference timed out, or the store is "
-        "unavailable (STORE_UNAVAILABLE)",
+        503: "Models still loading (NOT_READY), a model is unavailable, inference timed out, the worker is "
+        "overloaded (OVERLOADED; see Retry-After), or the store is unavailable (STORE_UNAVAILABLE)",
     }
     return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}

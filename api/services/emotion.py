@@ -23,6 +23,7 @@ import numpy as np
 
 from api.errors import ModelUnavailableError
 from api.ml.registry import EMOTION_CNN
+from api.ml.runtime import KerasNetwork, load_network
 
 EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FACE_SIZE = 48
@@ -120,24 +121,28 @@ def _check_tta_mode(mode: str) -> None:
         raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
 
 
-def tta_views(faces: Any, mode: str) -> Any:
-    """The views of a batch (N, 48, 48, 1) float tensor as one (V*N, 48, 48, 1) tensor, view-major, mirror
-    images included (V = 2 for "flip", 14 for "multicrop"). Borders are filled by reflection, as in training."""
-    import tensorflow as tf
-
+def tta_views(faces: np.ndarray, mode: str) -> np.ndarray:
+    """The views of a batch (N, 48, 48, 1) float32 as one (V*N, 48, 48, 1) array, view-major, mirror images
+    included (V = 2 for "flip", 14 for "multicrop"). Borders are filled by reflection, as in training; the
+    zooms are bilinear with half-pixel centres (TensorFlow's ``image.resize`` without antialiasing)."""
     _check_tta_mode(mode)
+    faces = np.asarray(faces, np.float32)
     views = [faces]
     if mode == "multicrop":
         pad = TTA_SHIFT
-        padded = tf.pad(faces, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+        padded = np.pad(faces, [(0, 0), (pad, pad), (pad, pad), (0, 0)], mode="reflect")
         for dy, dx in ((0, pad), (0, -pad), (pad, 0), (-pad, 0)):
             # The view's pixel (y, x) shows the face's (y + dy, x + dx): the face moves by (-dy, -dx).
             views.append(padded[:, pad + dy : pad + dy + FACE_SIZE, pad + dx : pad + dx + FACE_SIZE, :])
-        size = (FACE_SIZE, FACE_SIZE)
-        views.append(tf.image.resize(faces[:, pad:-pad, pad:-pad, :], size, method="bilinear"))  # zoom in
-        views.append(tf.image.resize(padded, size, method="bilinear"))  # zoom out
-    views += [tf.reverse(view, axis=[2]) for view in views]
-    return tf.concat(views, axis=0)
+        views.append(_resized(faces[:, pad:-pad, pad:-pad, :]))  # zoom in
+        views.append(_resized(padded))  # zoom out
+    views += [view[:, :, ::-1] for view in views]
+    return np.ascontiguousarray(np.concatenate(views, axis=0))
+
+
+def _resized(faces: np.ndarray) -> np.ndarray:
+    size = (FACE_SIZE, FACE_SIZE)
+    return np.stack([cv2.resize(face[..., 0], size, interpolation=cv2.INTER_LINEAR)[..., None] for face in faces])
 
 
 class KerasEmotionClassifier:
@@ -152,48 +157,52 @@ class KerasEmotionClassifier:
 
     name = EMOTION_CNN.id
 
-    def __init__(self, path: Path | str, precision: str = "float32", tta: str = "flip") -> None:
-        _check_tta_mode(tta)  # before the model loads, not when the first trace fails
+    def __init__(
+        self,
+        path: Path | str,
+        precision: str = "float32",
+        tta: str = "flip",
+        runtime: str = "onnx",
+        threads: int | None = None,
+    ) -> None:
+        _check_tta_mode(tta)  # before the model loads
         path = Path(path)
-        if not path.is_file():
-            raise ModelUnavailableError(
-                f"emotion model {path} is missing; train it with `python -m tools.train_emotion`",
-                path=str(path),
-            )
         if precision not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"precision must be auto, float32 or bfloat16, not {precision!r}")
+        if precision == "auto":
+            precision = "bfloat16" if cpu_has_bf16() else "float32"
+        if precision == "bfloat16":
+            runtime = "keras"  # the bfloat16 copy is made from the Keras model; the ONNX export is float32
+        hint = f"`make models` exports it from {path.name} (train that with `python -m tools.train_emotion`)."
+        if runtime == "keras":
+            self._network = self._keras_network(path, precision, threads, hint)
+        else:
+            self._network = load_network(path, runtime, threads, hint)
+        self.precision = precision
+        self.runtime = runtime
+        self.tta = tta
+
+    @staticmethod
+    def _keras_network(path: Path, precision: str, threads: int | None, hint: str) -> KerasNetwork:
+        if not path.is_file():
+            raise ModelUnavailableError(f"{path} is missing. {hint}", path=str(path))
         import keras
-        import tensorflow as tf
 
         try:
             model = keras.models.load_model(path, compile=False)
         except Exception as error:  # a truncated or foreign file: report it as unavailable, not a 500
-            message = f"cannot load emotion model {path}: {error}"
-            raise ModelUnavailableError(message, path=str(path)) from error
-        if precision == "bfloat16" or (precision == "auto" and cpu_has_bf16()):
+            raise ModelUnavailableError(f"cannot load emotion model {path}: {error}", path=str(path)) from error
+        if precision == "bfloat16":
             model = _bfloat16_copy(model)
-            precision = "bfloat16"
-        self.precision = "float32" if precision == "auto" else precision
-        self.tta = tta
-        self._model = model
-
-        # One traced graph for any batch size: model.predict() rebuilds a data pipeline per call (tens of
-        # ms), and calling the model eagerly dispatches op by op; a tf.function with a fixed signature
-        # runs every view of every face as one batch in a single graph call.
-        @tf.function(input_signature=[tf.TensorSpec([None, FACE_SIZE, FACE_SIZE, 1], tf.float32)])
-        def _view_averaged(faces: tf.Tensor) -> tf.Tensor:
-            probabilities = tf.cast(model(tta_views(faces, tta), training=False), tf.float32)
-            per_view = tf.reshape(probabilities, [-1, tf.shape(faces)[0], len(EMOTION_LABELS)])
-            return tf.reduce_mean(per_view, axis=0)
-
-        self._predict = _view_averaged
-        self._predict(tf.zeros([1, FACE_SIZE, FACE_SIZE, 1]))  # trace now, not on the first request
+        return KerasNetwork(path, threads, model=model)
 
     def predict(self, faces_grey48: np.ndarray) -> np.ndarray:
         batch = _as_batch(faces_grey48)
         if len(batch) == 0:
             return np.zeros((0, len(EMOTION_LABELS)))
-        return _normalise_rows(self._predict(batch).numpy())
+        # Every view of every face in one network call, then the mean over the views of each face.
+        probabilities = np.asarray(self._network(tta_views(batch, self.tta)), np.float64)
+        return _normalise_rows(probabilities.reshape(-1, len(batch), len(EMOTION_LABELS)).mean(axis=0))
 
 
 def _fer_model_path() -> Path:
@@ -299,15 +308,18 @@ _cache: dict[tuple[str, str, str], EmotionClassifier] = {}
 _cache_lock = threading.Lock()
 
 
-def build_emotion_classifier(name: str, resources_dir: Path, tta: str = "flip") -> EmotionClassifier:
+def build_emotion_classifier(
+    name: str, resources_dir: Path, tta: str = "flip", runtime: str = "onnx", threads: int | None = None
+) -> EmotionClassifier:
     """``ours``, ``fer`` or ``deepface``; loaded once per process and shared (they are read-only).
-    ``tta`` (test-time views) applies to ``ours`` only."""
-    key = (name, str(Path(resources_dir).resolve()), tta if name == "ours" else "")
+    ``tta`` (test-time views) and ``runtime`` (``api.ml.runtime``) apply to ``ours`` only."""
+    key = (name, str(Path(resources_dir).resolve()), f"{tta}/{runtime}" if name == "ours" else "")
     with _cache_lock:
         if key not in _cache:
             classifier: EmotionClassifier
             if name == "ours":
-                classifier = KerasEmotionClassifier(Path(resources_dir) / "emotion_model.keras", tta=tta)
+                path = Path(resources_dir) / "emotion_model.keras"
+                classifier = KerasEmotionClassifier(path, tta=tta, runtime=runtime, threads=threads)
             elif name == "fer":
                 classifier = FerMiniXceptionClassifier()
             elif name == "deepface":

@@ -12,6 +12,7 @@ from api.config import Settings
 from api.errors import FaceTooSmallError, MultipleFacesError, NoFaceError
 from api.services.detection import DetectedFace, FaceDetector, build_detector
 from api.services.embedding import FaceEmbedder, build_embedder
+from api.services.imaging import DecodedImage, decode_image
 
 FaceSelection = Literal["largest", "central", "single"]
 
@@ -74,16 +75,22 @@ class FaceEngine:
         return self.embedder.embed(chips)
 
     def select_face(
-        self, image_rgb: np.ndarray, faces: list[DetectedFace], selection: FaceSelection = "largest"
+        self,
+        image_rgb: np.ndarray,
+        faces: list[DetectedFace],
+        selection: FaceSelection = "largest",
+        scale: float = 1.0,
     ) -> DetectedFace:
-        """The face a request is about; raises NO_FACE, FACE_TOO_SMALL or MULTIPLE_FACES."""
+        """The face a request is about; raises NO_FACE, FACE_TOO_SMALL or MULTIPLE_FACES. ``scale``: pixels
+        of ``image_rgb`` per pixel of the photo (a reduced decode); face sizes are judged in the photo's."""
         if not faces:
             raise NoFaceError("No face was found in the image.")
-        usable = [face for face in faces if face.size >= self.min_face_size]
+        usable = [face for face in faces if face.size / scale >= self.min_face_size]
         if not usable:
+            size = faces[0].size / scale
             raise FaceTooSmallError(
-                f"The face is too small ({faces[0].size:.0f} px); at least {self.min_face_size} px is needed.",
-                face_size=round(faces[0].size),
+                f"The face is too small ({size:.0f} px); at least {self.min_face_size} px is needed.",
+                face_size=round(size),
                 min_face_size=self.min_face_size,
             )
         if selection == "single":
@@ -133,6 +140,17 @@ class FaceEngine:
         self.embedder.embed(np.zeros((1, *self.embedder.chip_shape), np.uint8))
 
 
+def at_full_size_if_small(
+    data: bytes, max_pixels: int, decoded: DecodedImage, faces: list[DetectedFace], min_face: int
+) -> tuple[np.ndarray, list[DetectedFace], float]:
+    """The image, the faces in its pixels and its scale: the reduced decode when every face in it measures at
+    least ``min_face`` pixels (what the crops of the models need), else the photo decoded at full size again
+    with the faces mapped onto it, so that a small face never loses detail to the reduced decode."""
+    if decoded.scale < 1.0 and faces and min(face.size for face in faces) < min_face:
+        return decode_image(data, max_pixels), [face.scaled(1.0 / decoded.scale) for face in faces], 1.0
+    return decoded.pixels, faces, decoded.scale
+
+
 def build_engine(settings: Settings) -> FaceEngine:
     detector = build_detector(
         settings.detector,
@@ -147,5 +165,6 @@ def build_engine(settings: Settings) -> FaceEngine:
         settings.flip_augmentation,
         settings.inference_threads,
         settings.facenet_model_path,
+        settings.inference_runtime,
     )
     return FaceEngine(detector, embedder, settings.min_face_size)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,12 +40,32 @@ def sniff_format(data: bytes) -> str | None:
         return None
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An upright RGB array and its size relative to the photo: ``scale`` pixels per pixel of the photo (1.0,
+    or 1/2, 1/4, 1/8 for a JPEG decoded at reduced size)."""
+
+    pixels: np.ndarray
+    scale: float = 1.0
+
+
 def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
     """Decode to a contiguous (H, W, 3) uint8 RGB array, upright per EXIF orientation.
 
     Raises InvalidImageError (empty, corrupt or truncated data), UnsupportedMediaTypeError (a real image
     in a format we do not accept, or not an image at all) and ImageTooLargeError (pixel count over
     ``max_pixels``, judged from the header before any pixel is decoded).
+    """
+    return decode_reduced(data, max_pixels, 0).pixels
+
+
+def decode_reduced(data: bytes, max_pixels: int = 40_000_000, min_side: int = 0) -> DecodedImage:
+    """:func:`decode_image`, but a JPEG whose longer side is at least twice ``min_side`` is decoded at the
+    smallest of libjpeg's reduced sizes (1/2, 1/4, 1/8) whose longer side is still ``min_side`` or more.
+
+    libjpeg reduces in the frequency domain, while decoding: a 12-megapixel phone photo decodes ~10x faster
+    at 1/4, and detection (which looks at no more than ``detect_max_side`` pixels) and the later resizes work
+    on a quarter of the pixels. ``min_side`` 0 decodes at full size. Other formats are always full size.
     """
     if not data:
         raise InvalidImageError("The file is empty.")
@@ -75,12 +97,17 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                if min_side and image.format in ("JPEG", "MPO") and max(width, height) >= 2 * min_side:
+                    factor = min_side / max(width, height)  # draft picks the smallest size at least this large
+                    image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
                 image.load()
+                scale = image.size[0] / width
                 upright = ImageOps.exif_transpose(image)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             raise InvalidImageError(f"The image is corrupt or truncated: {exc}") from None
         rgb = _to_rgb(upright)
-    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+        pixels = np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+    return DecodedImage(pixels, scale)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -5,8 +5,11 @@ Everything here is synchronous and CPU-bound; routers run it in the inference th
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -22,9 +25,10 @@ from api.errors import (
 )
 from api.metrics import stage
 from api.services.anti_spoofing import MiniFASNetAntiSpoofing
+from api.services.batching import expecting
 from api.services.detection import DetectedFace
-from api.services.engine import FaceEngine, FaceSelection
-from api.services.imaging import decode_image
+from api.services.engine import FaceEngine, FaceSelection, at_full_size_if_small
+from api.services.imaging import decode_reduced
 from api.services.matching import Calibration, distance_from_similarity, similarity_from_cosine
 from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, UserMatch, UserRecord, WriteGuard
 
@@ -34,6 +38,9 @@ logger = logging.getLogger(__name__)
 # attack, so this check uses the looser threshold at a per-pair false-match rate of 1e-2: it rejects few
 # genuine sets while still catching a different person in the set.
 CONSISTENCY_FMR = 1e-2
+# The smallest face box (pixels) cut from a reduced decode of a large JPEG: the embedders' chips (150-160 px)
+# then come from at least as many source pixels as they have. A smaller face is cut from the full-size photo.
+CHIP_FACE = 160
 
 
 @dataclass(frozen=True)
@@ -45,8 +52,14 @@ class ImageUpload:
 @dataclass(frozen=True)
 class FoundFace:
     upload: ImageUpload
-    image: np.ndarray
-    face: DetectedFace
+    image: np.ndarray  # the photo, decoded at full or reduced size
+    face: DetectedFace  # in the pixels of ``image``
+    scale: float = 1.0  # pixels of ``image`` per pixel of the photo
+
+    @property
+    def face_in_photo(self) -> DetectedFace:
+        """The face in the photo's own pixels: what answers report."""
+        return self.face if self.scale == 1.0 else self.face.scaled(1.0 / self.scale)
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,21 @@ class CompareOutcome(ScoredBySimilarity):
     threshold: float
 
 
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _announces_embedding(method: Method) -> Method:
+    """A use case that embeds faces after decoding and detecting them: it tells a batching embedder at once,
+    so that a batch forming meanwhile waits for its faces (api.services.batching)."""
+
+    @functools.wraps(method)
+    def announced(self: RecognitionService, *args: Any, **kwargs: Any) -> Any:
+        with expecting(self.engine.embedder):
+            return method(self, *args, **kwargs)
+
+    return announced  # type: ignore[return-value]
+
+
 class RecognitionService:
     def __init__(
         self,
@@ -141,17 +169,23 @@ class RecognitionService:
         self, upload: ImageUpload, selection: FaceSelection, refuse_spoofs: bool, face_crop: bool = False
     ) -> FoundFace:
         """``face_crop``: the client cropped the image to one face; the whole image is that face."""
+        max_pixels = self.settings.max_image_pixels
+        reduce_to = self.settings.detect_max_side if self.settings.reduced_decoding and not face_crop else 0
         with stage("decode"):
-            image = decode_image(upload.data, self.settings.max_image_pixels)
+            decoded = decode_reduced(upload.data, max_pixels, reduce_to)
+        image, scale = decoded.pixels, decoded.scale
         with stage("detect"):
             if face_crop:
                 face = self.engine.face_of_crop(image)
             else:
-                face = self.engine.select_face(image, self.engine.detect(image), selection)
+                face = self.engine.select_face(image, self.engine.detect(image), selection, scale)
+        if scale < 1.0:
+            with stage("decode"):
+                image, (face,), scale = at_full_size_if_small(upload.data, max_pixels, decoded, [face], CHIP_FACE)
         if refuse_spoofs:
             with stage("anti_spoofing"):
                 self.refuse_spoof(image, face)
-        return FoundFace(upload, image, face)
+        return FoundFace(upload, image, face, scale)
 
     def refuse_spoof(self, image: np.ndarray, face: DetectedFace) -> None:
         """The anti-spoofing gate of ``liveness=true``: a photo or screen replay raises SPOOF_DETECTED."""
@@ -256,6 +290,7 @@ class RecognitionService:
         )
 
     # --- use cases --------------------------------------------------------------------------------------
+    @_announces_embedding
     def register(
         self, store: FaceStore, name: str, uploads: list[ImageUpload], options: RegisterOptions = RegisterOptions()
     ) -> RegisterOutcome:
@@ -265,6 +300,7 @@ class RecognitionService:
             store, name, found, rejected, self._embed_found(found), options.allow_duplicate, options.collection
         )
 
+    @_announces_embedding
     def add_faces(
         self, store: FaceStore, user_id: str, uploads: list[ImageUpload], options: RegisterOptions = RegisterOptions()
     ) -> RegisterOutcome:
@@ -276,6 +312,7 @@ class RecognitionService:
         user = store.add_faces(user_id, embeddings, self.engine.model_id, collection=collection, guard=guard)
         return RegisterOutcome(user, rejected)
 
+    @_announces_embedding
     def verify(
         self,
         store: FaceStore,
@@ -294,12 +331,13 @@ class RecognitionService:
         self._refuse_other_models(result, collection)
         applied = threshold if threshold is not None else self.identify_threshold(result.users)
         if not result.matches[0]:
-            return VerifyOutcome(False, None, applied, [], found.face)
+            return VerifyOutcome(False, None, applied, [], found.face_in_photo)
         candidates = [self._match(m) for m in result.matches[0]]
         best = candidates[0]
         verified = best.similarity >= applied
-        return VerifyOutcome(verified, best, applied, candidates[:top_k], found.face)
+        return VerifyOutcome(verified, best, applied, candidates[:top_k], found.face_in_photo)
 
+    @_announces_embedding
     def compare(
         self,
         first: ImageUpload,

@@ -132,8 +132,10 @@ def test_factory_caches_and_rejects_unknown_names(tmp_path: Path) -> None:
     with pytest.raises(ModelUnavailableError, match="missing"):
         KerasEmotionClassifier(tmp_path / "emotion_model.keras")
     (tmp_path / "broken.keras").write_bytes(b"not a keras file")
-    with pytest.raises(ModelUnavailableError, match="cannot load"):
-        KerasEmotionClassifier(tmp_path / "broken.keras")
+    (tmp_path / "broken.onnx").write_bytes(b"not an onnx file")
+    for runtime in ("onnx", "keras"):
+        with pytest.raises(ModelUnavailableError, match="cannot load"):
+            KerasEmotionClassifier(tmp_path / "broken.keras", runtime=runtime)
 
 
 def test_deepface_without_weights_is_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
