@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +44,8 @@ from api.services.engine import FaceEngine, FaceSelection, build_engine, central
 from api.services.imaging import decode_image
 from api.services.matching import Calibration, similarity_from_cosine
 from tools.common import LFW, REPO_ROOT, Pair, embedder_tag, non_default_embedder, read_pairs
+from tools.deepface_api import DEFAULT_HOME as DEEPFACE_HOME
+from tools.deepface_api import prepare_deepface_home
 
 Represent = Callable[[Path], np.ndarray | None]
 Box = tuple[float, float, float, float]
@@ -84,15 +85,8 @@ def _pick(boxes: list[Box], shape: tuple[int, ...], selection: str) -> int:
 
 
 def deepface_pipeline(selection: str) -> Represent:
-    home = REPO_ROOT / "reports" / "deepface_home"
-    weights = home / ".deepface" / "weights"
-    weights.mkdir(parents=True, exist_ok=True)
-    from api.ml.dlib_resnet import default_weights_path
-
-    target = weights / "dlib_face_recognition_resnet_model_v1.dat"
-    if not target.exists():
-        shutil.copyfile(default_weights_path(), target)  # deepface would download it otherwise
-    os.environ["DEEPFACE_HOME"] = str(home)
+    # deepface would download its weights otherwise; the seeded home is shared with tools.deepface_api.
+    os.environ["DEEPFACE_HOME"] = str(prepare_deepface_home(DEEPFACE_HOME))
     from deepface import DeepFace
 
     def represent(path: Path) -> np.ndarray | None:

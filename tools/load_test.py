@@ -91,14 +91,15 @@ def seed(store_path: Path, users: int, model_id: str, dimension: int = 128) -> N
 
 
 @contextmanager
-def running_service(**env: str) -> Iterator[tuple[subprocess.Popen, httpx.Client, float]]:
+def running_service(workers: int = 1, **env: str) -> Iterator[tuple[subprocess.Popen, httpx.Client, float]]:
     """The app as ``api.main.server_command`` serves it, on a free port, with ``env`` added to this process's
     environment: its process, a client of it, and the seconds from launch until ``/health/ready`` answered
-    200. The server is stopped on leaving."""
+    200 (with ``workers`` > 1: until several answers in a row did, so that every worker is likely up). The
+    server is stopped on leaving."""
     port = free_port()
     launched = time.perf_counter()
     server = subprocess.Popen(
-        server_command(port),
+        server_command(port, workers=workers),
         cwd=REPO_ROOT,
         env=dict(os.environ, **env),
         stdout=subprocess.DEVNULL,
@@ -106,12 +107,15 @@ def running_service(**env: str) -> Iterator[tuple[subprocess.Popen, httpx.Client
     )
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
-            while True:
+            ready_in_a_row = 0
+            while ready_in_a_row < 4 * workers - 3:
                 try:
-                    if client.get("/health/ready").status_code == 200:
-                        break
+                    ready = client.get("/health/ready").status_code == 200
+                    ready_in_a_row = ready_in_a_row + 1 if ready else 0
+                    if ready:
+                        continue
                 except httpx.TransportError:
-                    pass
+                    ready_in_a_row = 0
                 if server.poll() is not None or time.perf_counter() - launched > 180:
                     raise SystemExit("the service did not become ready within 180 s")
                 time.sleep(0.1)
@@ -133,7 +137,28 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        nargs="+",
+        help="throughput mode (tools.throughput): these client concurrency levels, our service in three "
+        "set-ups and deepface's own API side by side on one 1,000-person gallery",
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=["on", "off", "workers2", "before", "deepface"],
+        default=["on", "off", "workers2", "before", "deepface"],
+        help="throughput mode: batching on / off (1 worker), batching on with --workers 2, the service as it was "
+        "before the throughput work (tools.throughput.OUR_CONFIGS), deepface's API",
+    )
+    parser.add_argument("--burst", type=int, default=96, help="throughput mode: clients of the overload burst")
     args = parser.parse_args()
+    if args.concurrency:
+        from tools.throughput import compare_side_by_side
+
+        compare_side_by_side(args.concurrency, args.targets, args.burst, args.markdown, args.json)
+        return
 
     model_id, dimension = configured_embedder()
     workdir = Path(tempfile.mkdtemp(prefix="face-load-"))
