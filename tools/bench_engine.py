@@ -23,6 +23,7 @@ Examples::
     python -m tools.bench_engine --rounds 30 --json reports/bench/engine.json --markdown reports/bench/engine.md
     python -m tools.bench_engine --threads-sweep 1 2      # the engine alone with TF intra-op 1 vs 2 threads
     python -m tools.bench_engine --threads-sweep 2 --sweep-bf16   # ... and with oneDNN bfloat16 (AMX) as well
+    python -m tools.bench_engine --runtimes --rounds 30   # every network on TensorFlow vs ONNX Runtime
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import numpy as np
 
 from api.config import Settings
 from api.services.imaging import decode_image
-from tools.common import FACEDATA
+from tools.common import FACEDATA, REPO_ROOT
 
 WIDTH, HEIGHT = 1000, 800
 BATCH = 8
@@ -451,6 +452,57 @@ def threads_sweep(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+RUNTIME_MODELS = {  # network: (Keras file relative to the repository, input shape)
+    "dlib ResNet (embedder)": ("face_embedding_model.keras", (150, 150, 3)),
+    "FaceNet (fused embedder)": ("facenet_embedding_model.keras", (160, 160, 3)),
+    "emotion CNN": ("resources/emotion_model.keras", (48, 48, 1)),
+    "MiniFASNetV2 (anti-spoofing)": ("resources/anti_spoof_models/2.7_80x80_MiniFASNetV2.keras", (80, 80, 3)),
+    "MiniFASNetV1SE (anti-spoofing)": ("resources/anti_spoof_models/4_0_0_80x80_MiniFASNetV1SE.keras", (80, 80, 3)),
+}
+
+
+def runtimes(args: argparse.Namespace) -> dict[str, Any]:
+    """Every shipped network on both runtimes (``api.ml.runtime``), batch 1 and 8, interleaved rounds: the
+    time of one call (batch 8: per row) and the largest difference between the two runtimes' outputs."""
+    import api.ml.facenet  # noqa: F401  (FaceNet's custom layer, before its Keras file loads)
+    from api.ml.runtime import KerasNetwork, OnnxNetwork, onnx_path_of
+
+    rng = np.random.default_rng(0)
+    measurements, agreement = [], {}
+    for name, (relative, shape) in RUNTIME_MODELS.items():
+        keras_path = REPO_ROOT / relative
+        if not keras_path.is_file() or not onnx_path_of(keras_path).is_file():
+            print(f"{relative} or its ONNX export is absent (make models): skipped", file=sys.stderr)
+            continue
+        networks = {"TensorFlow": KerasNetwork(keras_path, 2), "ONNX Runtime": OnnxNetwork(onnx_path_of(keras_path), 2)}
+        batch = rng.uniform(0, 255, (8, *shape)).astype(np.float32)
+        outputs = [np.asarray(network(batch), np.float64) for network in networks.values()]
+        agreement[name] = float(np.abs(outputs[0] - outputs[1]).max())
+        for runtime, network in networks.items():
+            measurements.append(Measurement(f"{name}, {runtime}, batch 1", lambda n=network, b=batch: n(b[:1])))
+            measurements.append(Measurement(f"{name}, {runtime}, batch 8", lambda n=network, b=batch: n(b), faces=8))
+    run_rounds(measurements, args.rounds)
+    return {
+        "threads": 2,
+        "rounds": args.rounds,
+        "measurements": [{"name": m.name, **m.summary()} for m in measurements],
+        "max_abs_difference": agreement,
+    }
+
+
+def runtimes_markdown(result: dict[str, Any], command: str) -> str:
+    lines = [
+        f"Command: `{command}` (intra-op 2 threads on both runtimes; per row at batch 8)",
+        "",
+        "| network, runtime, batch | median ms | median CPU ms |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {m['name']} | {m['median_ms']} | {m['cpu_median_ms']} |" for m in result["measurements"]]
+    lines += ["", "Largest difference between the runtimes' outputs (8 random inputs):", ""]
+    lines += [f"* {name}: {value:.2e}" for name, value in result["max_abs_difference"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def sweep_markdown(sweep: dict[str, Any], command: str) -> str:
     keys = list(sweep["settings"])
     names = list(sweep["settings"][keys[0]]["wall"])
@@ -539,6 +591,9 @@ def main() -> None:
     parser.add_argument("--sweep-bf16", action="store_true", help="also time each setting with oneDNN bfloat16")
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--runtimes", action="store_true", help="every network on TensorFlow and on ONNX Runtime, batch 1 and 8"
+    )
     args = parser.parse_args()
     if args.photo != "astronaut" and not Path(args.photo).is_file():
         print(f"{args.photo} is absent: using skimage's astronaut instead.", file=sys.stderr)
@@ -547,7 +602,10 @@ def main() -> None:
         engine_only(args)
         return
     command = "python -m tools.bench_engine " + " ".join(sys.argv[1:])
-    if args.threads_sweep:
+    if args.runtimes:
+        result = runtimes(args)
+        text = runtimes_markdown(result, command)
+    elif args.threads_sweep:
         result = threads_sweep(args)
         text = sweep_markdown(result, command)
     else:

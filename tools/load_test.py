@@ -12,6 +12,11 @@ each: search cost is what is measured, not recognition quality), then times requ
 * the server's resident memory now and at its peak (VmRSS / VmHWM).
 
     python -m tools.load_test --users 1000 --requests 40 --markdown reports/load.md
+
+With ``--concurrency`` it measures throughput instead (:mod:`tools.throughput`): our service in several set-ups
+and deepface's own REST API side by side, on one LFW gallery, at each number of concurrent clients::
+
+    python -m tools.load_test --concurrency 1 4 16 --markdown reports/throughput.md --json reports/throughput.json
 """
 
 from __future__ import annotations
@@ -141,8 +146,8 @@ def main() -> None:
         "--concurrency",
         type=int,
         nargs="+",
-        help="throughput mode (tools.throughput): these client concurrency levels, our service in three "
-        "set-ups and deepface's own API side by side on one 1,000-person gallery",
+        help="throughput mode (tools.throughput): these client concurrency levels, our service in the set-ups "
+        "of --targets and deepface's own API side by side on one 1,000-person gallery",
     )
     parser.add_argument(
         "--targets",

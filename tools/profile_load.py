@@ -71,6 +71,26 @@ def stage_means(metrics_before: str, metrics_after: str) -> dict[str, float]:
     return {k: v for k, v in means.items() if k in {"decode", "detect", "align", "embed", "search", "/api/verify"}}
 
 
+def batch_sizes(metrics_text: str) -> dict[str, dict[str, float]]:
+    """Per batched model: model calls, mean rows per call, and the share of calls that held one row only."""
+    per_model: dict[str, dict[str, float]] = collections.defaultdict(dict)
+    for kind, labels, value in re.findall(
+        r"^face_model_batch_rows_(sum|count|bucket)\{([^}]*)\} (\S+)", metrics_text, re.M
+    ):
+        label = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        key = kind if kind != "bucket" else f"le {label['le']}"
+        per_model[label["model"]][key] = float(value)
+    sizes = {}
+    for model, values in per_model.items():
+        if values.get("count"):
+            sizes[model] = {
+                "calls": values["count"],
+                "mean_rows": round(values["sum"] / values["count"], 2),
+                "one_row_share": round(values.get("le 1.0", 0.0) / values["count"], 3),
+            }
+    return sizes
+
+
 def profile(pid: int, seconds: int, out: Path) -> dict[str, float]:
     """py-spy's raw samples of every thread of ``pid``, grouped by stage: the share of busy samples each."""
     py_spy = str(Path(sys.executable).parent / "py-spy")
@@ -142,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             report["profile_share_percent"] = profile(server.pid, args.seconds, Path(folder) / "raw.txt")
         runner.join()
         wall = time.perf_counter() - started
+        report["batches_since_start"] = batch_sizes(client.get("/metrics").text)
         level = loaded["level"]
         served = level.statuses[200]
         report["loaded"] = {

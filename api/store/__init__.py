@@ -55,6 +55,7 @@ def open_store_at(location: str, settings: Settings | None = None) -> FaceStore:
             pool_size=settings.store_pool_size,
             timeout_s=settings.store_timeout_s,
             ef_search=settings.store_hnsw_ef_search,
+            guard_ef_search=settings.store_hnsw_guard_ef_search,
         )
         return PostgresFaceStore(location, options)
     from api.store.npz import NpzFaceStore

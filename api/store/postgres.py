@@ -142,6 +142,10 @@ class PostgresOptions:
     timeout_s: float = 5.0  # waiting for a connection, and connecting
     statement_timeout_s: float = 30.0
     ef_search: int = 100
+    # The duplicate check of a registration asks only whether some stored face is nearly the same as a new one:
+    # such a neighbour lies far closer than any other, and a short candidate list finds it. Registration pays
+    # one HNSW search per new face, so this keeps it cheap (bench_store times both lists side by side).
+    guard_ef_search: int = 40
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
     # Index rows read per query before re-ranking: enough for top_k users of several faces each.
@@ -453,7 +457,7 @@ class PostgresFaceStore:
             self._ensure_model(conn, model_id, faces.shape[1])
             if guard is not None:
                 self._lock_collection(conn, collection)
-                guard(self._search(conn, model_id, collection, faces, 1, None))
+                guard(self._search(conn, model_id, collection, faces, 1, None, self._options.guard_ef_search))
             now = utc_now()
             record = UserRecord(uuid.uuid4().hex, name, model_id, now, now, int(faces.shape[0]), collection)
             conn.execute(
@@ -489,7 +493,7 @@ class PostgresFaceStore:
             self._ensure_model(conn, model_id, faces.shape[1])
             if guard is not None:
                 self._lock_collection(conn, collection)
-                guard(self._search(conn, model_id, collection, faces, 1, user_id))
+                guard(self._search(conn, model_id, collection, faces, 1, user_id, self._options.guard_ef_search))
             self._insert_descriptors(conn, [(user_id, current.faces, collection, model_id, faces)])
             row = conn.execute(
                 f"UPDATE face_users SET faces = faces + %s, updated_at = %s WHERE id = %s RETURNING {_USER_COLUMNS}",
@@ -752,7 +756,9 @@ class PostgresFaceStore:
         probes: np.ndarray,
         top_k: int,
         exclude_user: str | None,
+        ef_search: int | None = None,
     ) -> SearchResult:
+        """``ef_search``: the HNSW candidate list of this search (default: the store's ``ef_search``)."""
         from psycopg import sql
 
         dim = self._model_dim(conn, model_id)
@@ -783,7 +789,7 @@ class PostgresFaceStore:
             )
         # set_config(..., true) is SET LOCAL: it lasts until this transaction ends, also on a pooled connection
         # and inside the transaction Citus or a pooler in transaction mode sends to one node.
-        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(self._options.ef_search),))
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", (str(ef_search or self._options.ef_search),))
         conn.execute("SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)")
         # The model and dimension are literals so that the planner matches the model's partial index.
         query = sql.SQL(
