@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     store_hnsw_guard_ef_search: int = Field(
         40, ge=1, le=1000, description="HNSW candidate list of the duplicate check at registration"
     )
+    # How a model's HNSW index is built when the store creates it (its first registration, or `store copy`).
+    # A denser graph (m 32, ef_construction 128) keeps recall@1 near 1 among millions of similar faces, at
+    # about twice the index size and build time (docs/benchmarks.md, "What fixes recall").
+    store_hnsw_m: int = Field(16, ge=2, le=100, description="HNSW graph degree of a new index")
+    store_hnsw_ef_construction: int = Field(64, ge=4, le=1000, description="HNSW build candidate list")
 
     @field_validator("store_url", mode="before")
     @classmethod

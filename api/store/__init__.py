@@ -56,6 +56,8 @@ def open_store_at(location: str, settings: Settings | None = None) -> FaceStore:
             timeout_s=settings.store_timeout_s,
             ef_search=settings.store_hnsw_ef_search,
             guard_ef_search=settings.store_hnsw_guard_ef_search,
+            hnsw_m=settings.store_hnsw_m,
+            hnsw_ef_construction=settings.store_hnsw_ef_construction,
         )
         return PostgresFaceStore(location, options)
     from api.store.npz import NpzFaceStore

@@ -442,3 +442,22 @@ def test_search_uses_the_hnsw_index(postgres_url: str) -> None:
     while hnsw_scans(postgres_url, index_name) < scans_before + 8 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert hnsw_scans(postgres_url, index_name) >= scans_before + 8
+
+
+def test_the_hnsw_settings_reach_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FACE_STORE_HNSW_* choose the search lists and how a new index is built; nothing connects yet."""
+    from api.config import Settings
+
+    for name, value in (("EF_SEARCH", "120"), ("GUARD_EF_SEARCH", "30"), ("M", "32"), ("EF_CONSTRUCTION", "128")):
+        monkeypatch.setenv(f"FACE_STORE_HNSW_{name}", value)
+    store = open_store_at("postgresql://nobody@127.0.0.1:1/none", Settings(_env_file=None))
+    try:
+        options = store._options  # type: ignore[attr-defined]
+        assert (options.ef_search, options.guard_ef_search, options.hnsw_m, options.hnsw_ef_construction) == (
+            120,
+            30,
+            32,
+            128,
+        )
+    finally:
+        store.close()
