@@ -69,8 +69,8 @@ class Settings(BaseSettings):
     store_pool_size: int = Field(8, ge=1, description="Connections per service process (PostgreSQL store)")
     store_timeout_s: float = Field(5.0, gt=0, description="Wait for a database connection before 503")
     store_hnsw_ef_search: int = Field(100, ge=1, le=1000, description="HNSW candidate list per search")
-    store_hnsw_guard_ef_search: int = Field(
-        40, ge=1, le=1000, description="HNSW candidate list of the duplicate check at registration"
+    store_hnsw_guard_ef_search: int | None = Field(
+        None, ge=1, le=1000, description="HNSW candidate list of the duplicate check; unset = store_hnsw_ef_search"
     )
     # How a model's HNSW index is built when the store creates it (its first registration, or `store copy`).
     # A denser graph (m 32, ef_construction 128) keeps recall@1 near 1 among millions of similar faces, at

@@ -91,6 +91,23 @@ def batch_sizes(metrics_text: str) -> dict[str, dict[str, float]]:
     return sizes
 
 
+def batches_between(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """The model calls made between two :func:`batch_sizes` readings: how many, and their mean rows."""
+    between = {}
+    for model, now in after.items():
+        then = before.get(model, {"calls": 0.0, "mean_rows": 0.0, "one_row_share": 0.0})
+        calls = now["calls"] - then["calls"]
+        if calls > 0:
+            rows = now["calls"] * now["mean_rows"] - then["calls"] * then["mean_rows"]
+            single = now["calls"] * now["one_row_share"] - then["calls"] * then["one_row_share"]
+            between[model] = {
+                "calls": calls,
+                "mean_rows": round(rows / calls, 2),
+                "one_row_share": round(single / calls, 3),
+            }
+    return between
+
+
 def profile(pid: int, seconds: int, out: Path) -> dict[str, float]:
     """py-spy's raw samples of every thread of ``pid``, grouped by stage: the share of busy samples each."""
     py_spy = str(Path(sys.executable).parent / "py-spy")
@@ -147,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         before = client.get("/metrics").text
         alone = drive(base, verify, 1, args.requests, "verify")
         report["alone"] = {"rps": alone.row()["rps"], "stage_ms": stage_means(before, client.get("/metrics").text)}
+        batches_before = batch_sizes(client.get("/metrics").text)
         server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(os.getpid())
         loaded: dict = {}
         load_s = args.seconds + 3.0  # the profile starts 2 s in and must end before the load does
@@ -162,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             report["profile_share_percent"] = profile(server.pid, args.seconds, Path(folder) / "raw.txt")
         runner.join()
         wall = time.perf_counter() - started
-        report["batches_since_start"] = batch_sizes(client.get("/metrics").text)
+        report["batches_under_load"] = batches_between(batches_before, batch_sizes(client.get("/metrics").text))
         level = loaded["level"]
         served = level.statuses[200]
         report["loaded"] = {
@@ -183,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         "embedder_mmacs_per_pass": round(macs / 1e6, 1),
         "passes_per_request": 2,  # the face and its mirror image
         "stages_cpu_ms_per_request": round(pipeline_ms, 1),
+        # multiply-adds of both passes over the embed stage's time alone: how near the CPU's peak the model runs
+        "embedder_gmacs_per_s": round(2 * macs / 1e9 / (stages["embed"] / 1000), 1) if stages.get("embed") else None,
         "pipeline_bound_rps": round(cores * 1000 / pipeline_ms, 1),
         "measured_cpu_bound_rps": round(cores * 1000 / per_request_cpu, 1),
         "measured_rps": report["loaded"]["rps"],

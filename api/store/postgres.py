@@ -142,10 +142,11 @@ class PostgresOptions:
     timeout_s: float = 5.0  # waiting for a connection, and connecting
     statement_timeout_s: float = 30.0
     ef_search: int = 100
-    # The duplicate check of a registration asks only whether some stored face is nearly the same as a new one:
-    # such a neighbour lies far closer than any other, and a short candidate list finds it. Registration pays
-    # one HNSW search per new face, so this keeps it cheap (bench_store times both lists side by side).
-    guard_ef_search: int = 40
+    # The duplicate check of a registration searches each new face for any user above the 1:N threshold, so by
+    # default with the same list as identification. A shorter one makes registration cheaper (one HNSW search per
+    # new face) but misses more matches in a crowded gallery: at 1M LFW-like faces, ef_search 40 found 68% of
+    # the matches above the threshold against 82% at 100 (docs/benchmarks.md). None: ``ef_search``.
+    guard_ef_search: int | None = None
     hnsw_m: int = 16
     hnsw_ef_construction: int = 64
     # Index rows read per query before re-ranking: enough for top_k users of several faces each.

@@ -461,3 +461,9 @@ def test_the_hnsw_settings_reach_the_store(monkeypatch: pytest.MonkeyPatch) -> N
         )
     finally:
         store.close()
+    monkeypatch.delenv("FACE_STORE_HNSW_GUARD_EF_SEARCH")
+    default = open_store_at("postgresql://nobody@127.0.0.1:1/none", Settings(_env_file=None))
+    try:
+        assert default._options.guard_ef_search is None  # type: ignore[attr-defined]  # the search's own list
+    finally:
+        default.close()
