@@ -19,23 +19,36 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def _start_ticks(pid: int) -> str:
+    """When process ``pid`` started (clock ticks since boot, /proc), or "" where there is no /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
 def _server_folder() -> Path:
     configured = os.environ.get("FACE_METRICS_DIR") or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
         return Path(configured)
     parent = multiprocessing.parent_process()  # uvicorn's supervisor, for each of its workers
     server_pid = parent.pid if parent is not None and parent.pid is not None else os.getpid()
-    return Path(tempfile.gettempdir()) / "face-service-metrics" / str(server_pid)
+    # The start time is part of the name: a server that gets the pid of an ended one (every restart of a
+    # container whose server is pid 1) must not resume that server's counters.
+    return Path(tempfile.gettempdir()) / "face-service-metrics" / f"{server_pid}-{_start_ticks(server_pid)}"
 
 
 def _remove_folders_of_ended_servers(root: Path, keep: Path) -> None:
     """Folders left by servers that are gone would otherwise pile up (their values are never read again)."""
     with contextlib.suppress(OSError):
         for folder in root.iterdir():
-            if folder == keep or not folder.name.isdigit():
+            pid, _, started = folder.name.partition("-")
+            if folder == keep or not pid.isdigit():
                 continue
             try:
-                os.kill(int(folder.name), 0)
+                os.kill(int(pid), 0)
+                if started != _start_ticks(int(pid)):
+                    raise ProcessLookupError  # that pid belongs to another process now
             except ProcessLookupError:
                 shutil.rmtree(folder, ignore_errors=True)
             except PermissionError:

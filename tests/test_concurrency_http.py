@@ -330,6 +330,7 @@ def test_a_burst_beyond_the_queue_is_shed_with_503_overloaded_and_the_service_re
     with httpx.Client(base_url=server.url, timeout=120) as http:
         registered = http.post("/api/register", data={"name": "A"}, files={"files": ("a.jpg", photo, JPEG)})
         assert registered.status_code == 201, registered.text
+        refused_before = overloaded_total(http.get("/metrics").text)
 
     gate = threading.Barrier(16)
 
@@ -352,6 +353,11 @@ def test_a_burst_beyond_the_queue_is_shed_with_503_overloaded_and_the_service_re
     with httpx.Client(base_url=server.url, timeout=120) as http:
         after = [http.post("/api/verify", files={"file": ("a.jpg", photo, JPEG)}) for _ in range(3)]
         assert [a.status_code for a in after] == [200, 200, 200]
-        metrics = http.get("/metrics").text
-    refused = [line for line in metrics.splitlines() if line.startswith("face_overloaded_total")]
-    assert refused and float(refused[0].split()[-1]) == statuses[503], refused
+        refused_after = overloaded_total(http.get("/metrics").text)
+    assert refused_after - refused_before == statuses[503], (refused_before, refused_after)
+
+
+def overloaded_total(metrics: str) -> float:
+    """``face_overloaded_total`` of a /metrics page (0 before the first refusal)."""
+    lines = [line for line in metrics.splitlines() if line.startswith("face_overloaded_total ")]
+    return float(lines[0].split()[-1]) if lines else 0.0

@@ -7,6 +7,7 @@ import json
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -162,3 +163,19 @@ def test_an_unmatched_probe_names_nobody(
         headers={"X-API-Key": client_key},
     )
     assert refused.status_code == 403 and "Eileen" not in refused.text
+
+
+def test_a_server_that_reuses_an_ended_servers_pid_starts_its_counters_at_zero(tmp_path: Path) -> None:
+    """The metrics folder is named by the server's pid and start time: the folder of an ended server whose pid
+    is now another process's (a restarted container's pid 1) is removed, never resumed."""
+    import os
+
+    from api.metrics import _remove_folders_of_ended_servers, _start_ticks
+
+    mine = tmp_path / f"{os.getpid()}-{_start_ticks(os.getpid())}"
+    same_pid_earlier_server = tmp_path / f"{os.getpid()}-1"
+    live_other = tmp_path / f"1-{_start_ticks(1)}"
+    for folder in (mine, same_pid_earlier_server, live_other):
+        folder.mkdir()
+    _remove_folders_of_ended_servers(tmp_path, keep=mine)
+    assert sorted(f.name for f in tmp_path.iterdir()) == sorted([mine.name, live_other.name])
