@@ -68,7 +68,8 @@ def crop_face(image_rgb: np.ndarray, box: Box, scale: float, size: int = INPUT_S
 
 
 class MiniFASNetAntiSpoofing:
-    """Both MiniFASNet models, loaded once from ``<models_dir>/<stem>.keras`` (see tools/fetch_models.py)."""
+    """Both MiniFASNet models, loaded once from ``<models_dir>/<stem>.onnx`` (or ``.keras`` with the keras runtime),
+    which ``tools/fetch_models.py`` builds from minivision's weights."""
 
     model_id = MINIFASNET.id
 

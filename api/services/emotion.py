@@ -146,11 +146,13 @@ def _resized(faces: np.ndarray) -> np.ndarray:
 
 
 class KerasEmotionClassifier:
-    """Our FER2013 CNN. Each face is classified in several views (``tta``: "flip" = with its mirror image,
-    "multicrop" = see ``tta_views``) and the probabilities are averaged.
+    """Our FER2013 CNN, built in Keras and run by ``runtime`` (``api.ml.runtime``: its ONNX export by default).
+    Each face is classified in several views (``tta``: "flip" = with its mirror image, "multicrop" = see
+    ``tta_views``) and the probabilities are averaged; every view of every face goes through one network call.
 
-    ``precision``: ``float32`` (default: the figures of the model card), ``bfloat16`` or ``auto`` (bfloat16
-    where the CPU has native support). Measured here (`tools/eval_emotion.py --latency`): bfloat16 agrees
+    ``precision``: ``float32`` (default: the figures of the model card), ``bfloat16`` (TensorFlow only: it runs
+    the Keras file whatever ``runtime`` says) or ``auto`` (bfloat16 where the CPU has native support).
+    Measured here (`tools/eval_emotion.py --latency`): bfloat16 agrees
     with float32 on 99.8% of the PrivateTest faces, is 0.1 point less accurate, and saves little on an idle
     machine (4.5 vs 4.8 ms per face) but about a third when the cores are shared.
     """
