@@ -24,6 +24,7 @@ Examples::
     python -m tools.bench_engine --threads-sweep 1 2      # the engine alone with TF intra-op 1 vs 2 threads
     python -m tools.bench_engine --threads-sweep 2 --sweep-bf16   # ... and with oneDNN bfloat16 (AMX) as well
     python -m tools.bench_engine --runtimes --rounds 30   # every network on TensorFlow vs ONNX Runtime
+    python -m tools.bench_engine --reduced-decoding --rounds 10   # reduced vs full-size JPEG decoding
 """
 
 from __future__ import annotations
@@ -490,6 +491,63 @@ def runtimes(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def reduced_decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """Reduced against full-size JPEG decoding on every photo of ../shared/facedata/identity whose longer side
+    is 1,280 px or more: decode time, how often the reduced decode is kept, and how far the descriptor of the
+    largest face moves (``RecognitionService.find_face`` with and without ``FACE_REDUCED_DECODING``)."""
+    from PIL import Image
+
+    from api.composition import load_models
+    from api.errors import FaceServiceError
+    from api.services.imaging import decode_reduced
+    from api.services.recognition import ImageUpload
+
+    photos = [path for path in sorted((FACEDATA / "identity").glob("*/*.jpg")) if max(Image.open(path).size) >= 1280]
+    services = {
+        flag: load_models(Settings(reduced_decoding=flag, batch_max_faces=1)).recognition for flag in (False, True)
+    }
+    side = Settings().detect_max_side
+    rows, cosines, kept = [], [], 0
+    for path in photos:
+        data = path.read_bytes()
+        times = {}
+        for label, min_side in (("full", 0), ("reduced", side)):
+            started = time.perf_counter()
+            for _ in range(args.rounds):
+                decode_reduced(data, 40_000_000, min_side)
+            times[label] = (time.perf_counter() - started) * 1000.0 / args.rounds
+        descriptors = {}
+        for flag, service in services.items():
+            try:
+                found = service.find_face(ImageUpload(path.name, data), "largest", False)
+            except FaceServiceError as error:
+                descriptors[flag] = error.code
+                continue
+            kept += flag and found.scale < 1.0
+            descriptors[flag] = service._embed_found([found])[0]
+        cosine = None
+        if all(isinstance(d, np.ndarray) for d in descriptors.values()):
+            cosine = float(descriptors[False] @ descriptors[True])
+            cosines.append(cosine)
+        rows.append(
+            {
+                "photo": path.name,
+                "full_ms": round(times["full"], 2),
+                "reduced_ms": round(times["reduced"], 2),
+                "cosine": cosine,
+            }
+        )
+    return {
+        "photos": len(photos),
+        "reduced_kept": kept,
+        "median_cosine": float(np.median(cosines)) if cosines else None,
+        "min_cosine": min(cosines) if cosines else None,
+        "median_full_decode_ms": float(np.median([r["full_ms"] for r in rows])) if rows else None,
+        "median_reduced_decode_ms": float(np.median([r["reduced_ms"] for r in rows])) if rows else None,
+        "rows": rows,
+    }
+
+
 def runtimes_markdown(result: dict[str, Any], command: str) -> str:
     lines = [
         f"Command: `{command}` (intra-op 2 threads on both runtimes; per row at batch 8)",
@@ -594,6 +652,9 @@ def main() -> None:
     parser.add_argument(
         "--runtimes", action="store_true", help="every network on TensorFlow and on ONNX Runtime, batch 1 and 8"
     )
+    parser.add_argument(
+        "--reduced-decoding", action="store_true", help="reduced vs full-size JPEG decoding on ../shared's large photos"
+    )
     args = parser.parse_args()
     if args.photo != "astronaut" and not Path(args.photo).is_file():
         print(f"{args.photo} is absent: using skimage's astronaut instead.", file=sys.stderr)
@@ -602,7 +663,10 @@ def main() -> None:
         engine_only(args)
         return
     command = "python -m tools.bench_engine " + " ".join(sys.argv[1:])
-    if args.runtimes:
+    if args.reduced_decoding:
+        result = reduced_decoding(args)
+        text = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2) + "\n"
+    elif args.runtimes:
         result = runtimes(args)
         text = runtimes_markdown(result, command)
     elif args.threads_sweep:
