@@ -23,7 +23,7 @@ MiniFASNets) is exported to ``<name>.onnx`` beside it, which is what the service
 against Keras on random inputs before it is saved.
 
 Each step is a function of a ``FetchContext`` listed in ``STEPS``; a step raises ``FetchError`` with a
-message for the user, and ``main`` stops at the first one that fails.
+message for the user. ``main`` runs every step (the exports last) and exits with 1 if any failed.
 """
 
 from __future__ import annotations
@@ -257,20 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mirror = args.mirror or (Path(os.environ[MIRROR_ENV]) if os.environ.get(MIRROR_ENV) else None)
     ctx = FetchContext(args.resources_dir.resolve(), mirror, args.timeout, not args.no_download)
-    for component, step in steps():
-        print(f"== {component.role}: {component.id} ({component.licence})")
+    failed = False
+    # Every step runs even when an earlier one failed, and the exports run last for whatever was built: without
+    # the anti-spoofing weights the service still serves recognition and emotion (anti-spoofing switched off).
+    for component, step in [*steps(), (None, export_onnx_files)]:
+        if component is None:
+            print("== ONNX exports (the service's default runtime)")
+        else:
+            print(f"== {component.role}: {component.id} ({component.licence})")
         try:
             step(ctx)
         except FetchError as err:
             print(f"error: {err}", file=sys.stderr)
-            return 1
-    print("== ONNX exports (the service's default runtime)")
-    try:
-        export_onnx_files(ctx)
-    except FetchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    return 0
+            failed = True
+    return 1 if failed else 0
 
 
 def export_onnx_files(ctx: FetchContext) -> None:
