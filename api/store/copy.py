@@ -61,6 +61,8 @@ def copy_store(
     if rebuild:
         for model_id in sorted(models):
             destination.build_search_index(model_id)  # type: ignore[attr-defined]
+    if copied and hasattr(destination, "refresh_statistics"):
+        destination.refresh_statistics()  # the planner must know the new rows before the first search
     after = destination.count()
     skipped = source_users - copied
     if after != before + copied:

@@ -635,6 +635,14 @@ class PostgresFaceStore:
             conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (maintenance_work_mem,))
             conn.execute("SELECT set_config('statement_timeout', '0', true)")
             self._create_index(conn, model_id, int(row[0]))
+        self.refresh_statistics()
+
+    def refresh_statistics(self) -> None:
+        """ANALYZE the tables, after a bulk load. Until autovacuum gets to it, the planner believes a freshly
+        loaded table is still nearly empty: it then scans and sorts a whole gallery instead of walking the HNSW
+        index (23 ms instead of ~2 ms per search at 40,000 faces, right after ``store copy``)."""
+        with self._connection() as conn:
+            conn.execute("ANALYZE face_users, face_descriptors")
 
     # --- internals -------------------------------------------------------------------------------------
 

@@ -467,3 +467,24 @@ def test_the_hnsw_settings_reach_the_store(monkeypatch: pytest.MonkeyPatch) -> N
         assert default._options.guard_ef_search is None  # type: ignore[attr-defined]  # the search's own list
     finally:
         default.close()
+
+
+def test_a_copy_leaves_the_planner_knowing_the_new_rows(postgres_url: str, tmp_path: Path) -> None:
+    """After ``store copy`` the tables are analysed: the planner's row estimate is the copied faces, not the
+    near-empty table it saw before (with which it scanned a whole gallery instead of the HNSW index)."""
+    from api.store.copy import copy_store
+    from api.store.npz import NpzFaceStore
+
+    source = NpzFaceStore(tmp_path / "source.npz")
+    rng = np.random.default_rng(3)
+    for number in range(300):
+        faces = rng.normal(size=(2, 128)).astype(np.float32)
+        source.add_user(f"person {number}", faces / np.linalg.norm(faces, axis=1, keepdims=True), "model")
+    destination = PostgresFaceStore(postgres_url)
+    try:
+        copy_store(source, destination)
+        with psycopg.connect(postgres_url) as conn:
+            (estimate,) = conn.execute("SELECT reltuples FROM pg_class WHERE relname = 'face_descriptors'").fetchone()
+        assert estimate == 600
+    finally:
+        destination.close()
