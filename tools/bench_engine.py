@@ -150,13 +150,16 @@ def current_rss_mb() -> float:
 
 
 def thread_settings() -> dict[str, Any]:
-    import tensorflow as tf
-
-    return {
-        "tf_intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-        "tf_inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
-        **{var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS")},
+    """The pools in use; TensorFlow's only where it is loaded already (importing it here would add ~640 MB to
+    the peak RSS this tool reports for the ONNX-runtime engine)."""
+    settings: dict[str, Any] = {
+        var: os.environ.get(var) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS")
     }
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+        settings["tf_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
+        settings["tf_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+    return settings
 
 
 # --- pipelines -----------------------------------------------------------------------------------------
@@ -593,7 +596,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"Photo: {result['photo']}. {result['rounds']} interleaved rounds; medians (p25-p75) in ms; per-face "
         f"figures divide a batch call by its size. Machine: {result['machine']['cpus']} CPUs "
         f"(load average at the end {result['machine']['load_average']}), Python {result['machine']['python']}; "
-        f"TF intra-op {result['threads']['tf_intra_op']}, inter-op {result['threads']['tf_inter_op']}, "
+        f"TF intra-op {result['threads'].get('tf_intra_op', '-')}, "
+        f"inter-op {result['threads'].get('tf_inter_op', '-')}, "
         f"OMP_NUM_THREADS={result['threads']['OMP_NUM_THREADS']}.",
         "",
         "| measurement | median ms | p25-p75 ms | median CPU ms |",
