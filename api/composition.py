@@ -41,11 +41,7 @@ class Models:
     anti_spoofing: AntiSpoofingAnalyzer | None
     names: dict[str, str | None]  # what GET / reports: the id of each loaded model
     unavailable: dict[str, str] = field(default_factory=dict)  # optional feature -> why it is off
-    batchers: list[DynamicBatcher] = field(default_factory=list)
-
-    def close(self) -> None:
-        for batcher in self.batchers:
-            batcher.close()
+    batchers: list[DynamicBatcher] = field(default_factory=list)  # batches run in their callers' threads
 
 
 @dataclass
@@ -57,7 +53,6 @@ class FaceService:
     models: Models
 
     def close(self) -> None:
-        self.models.close()
         self.store.close()
 
 

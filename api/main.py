@@ -85,8 +85,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             loader.cancel()
-            if state.loading.models is not None:
-                state.loading.models.close()
             store.close()
 
     app = FastAPI(

@@ -101,9 +101,6 @@ class DynamicBatcher:
         assert mine.result is not None
         return mine.result
 
-    def close(self) -> None:
-        """Nothing to stop: batches run in their callers' threads."""
-
     def _collect(self) -> list[_Submission]:
         """The next batch from the queue (called with the lock held, by the leader): what is queued, then what
         announced callers submit within ``max_wait_s``, up to ``max_rows`` rows."""

@@ -118,7 +118,6 @@ heavy = sorted(m for m in ("tensorflow", "keras", "deepface", "tf_keras", "torch
                if m in sys.modules)
 print(json.dumps({{"heavy": heavy, "rss_mb": memory_kb(__import__("os").getpid())["VmRSS"] / 1024,
                   "names": models.names}}))
-models.close()
 """
     result = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -32,16 +32,11 @@ def model() -> RecordingModel:
 
 
 @pytest.fixture
-def make_batcher(model: RecordingModel) -> Iterator:
-    made: list[DynamicBatcher] = []
-
+def make_batcher(model: RecordingModel) -> Callable[..., DynamicBatcher]:
     def make(max_rows: int = 8, max_wait_s: float = 0.005) -> DynamicBatcher:
-        made.append(DynamicBatcher(model, "test", max_rows, max_wait_s))
-        return made[-1]
+        return DynamicBatcher(model, "test", max_rows, max_wait_s)
 
-    yield make
-    for batcher in made:
-        batcher.close()
+    return make
 
 
 def run_callers(batcher: DynamicBatcher, inputs: list[np.ndarray], announce: bool = True) -> list[np.ndarray]:
@@ -133,7 +128,7 @@ def test_a_submission_larger_than_a_batch_runs_whole(make_batcher, model: Record
     assert model.calls == [10]
 
 
-def test_an_error_reaches_every_caller_of_its_batch_and_the_worker_carries_on() -> None:
+def test_an_error_reaches_every_caller_of_its_batch_and_later_batches_still_run() -> None:
     calls: list[int] = []
 
     def failing(rows: np.ndarray) -> np.ndarray:
@@ -144,25 +139,22 @@ def test_an_error_reaches_every_caller_of_its_batch_and_the_worker_carries_on() 
         return rows
 
     batcher = DynamicBatcher(failing, "failing", max_rows=8, max_wait_s=0.05)
-    try:
-        errors: list[BaseException] = []
+    errors: list[BaseException] = []
 
-        def caller() -> None:
-            with batcher.expecting():
-                try:
-                    batcher(np.zeros((1, 3)))
-                except ValueError as exc:
-                    errors.append(exc)
+    def caller() -> None:
+        with batcher.expecting():
+            try:
+                batcher(np.zeros((1, 3)))
+            except ValueError as exc:
+                errors.append(exc)
 
-        threads = [threading.Thread(target=caller) for _ in range(3)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert len(errors) == calls[0] and len(errors) >= 1
-        np.testing.assert_array_equal(batcher(np.ones((2, 3))), np.ones((2, 3)))  # still serving
-    finally:
-        batcher.close()
+    threads = [threading.Thread(target=caller) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(errors) == calls[0] and len(errors) >= 1
+    np.testing.assert_array_equal(batcher(np.ones((2, 3))), np.ones((2, 3)))  # still serving
 
 
 def test_a_batched_component_keeps_its_other_attributes(make_batcher, model: RecordingModel) -> None:
