@@ -41,7 +41,6 @@ class Models:
     anti_spoofing: AntiSpoofingAnalyzer | None
     names: dict[str, str | None]  # what GET / reports: the id of each loaded model
     unavailable: dict[str, str] = field(default_factory=dict)  # optional feature -> why it is off
-    batchers: list[DynamicBatcher] = field(default_factory=list)  # batches run in their callers' threads
 
 
 @dataclass
@@ -75,7 +74,6 @@ def load_models(settings: Settings) -> Models:
     from api.services.matching import Calibration
 
     unavailable: dict[str, str] = {}
-    reduce_to = settings.detect_max_side if settings.reduced_decoding else 0
     engine = build_engine(settings)
     engine.warm_up()
     calibration = Calibration.load(settings.resources_dir / "calibration.json", engine.model_id)
@@ -98,7 +96,7 @@ def load_models(settings: Settings) -> Models:
             settings.inference_runtime,
             settings.inference_threads,
         )
-        emotion = EmotionAnalyzer(engine, classifier, settings.max_image_pixels, reduce_to)
+        emotion = EmotionAnalyzer(engine, classifier, settings.max_image_pixels)
     except FaceServiceError as exc:
         unavailable["emotion"] = exc.message
         logger.warning("Emotion analysis is off: %s", exc.message)
@@ -107,13 +105,13 @@ def load_models(settings: Settings) -> Models:
     anti_spoofing = None
     if anti_spoofing_model is not None:
         anti_spoofing = AntiSpoofingAnalyzer(
-            engine, anti_spoofing_model, settings.liveness_threshold, settings.max_image_pixels, reduce_to
+            engine, anti_spoofing_model, settings.liveness_threshold, settings.max_image_pixels
         )
         anti_spoofing_model.real_scores(np.full((240, 320, 3), 128, np.uint8), [(100.0, 60.0, 120.0, 120.0)])
     if emotion is not None:
         emotion.classifier.predict(np.zeros((1, 48, 48), np.uint8))
 
-    batchers = _batch_across_requests(settings, engine, emotion, anti_spoofing_model)
+    _batch_across_requests(settings, engine, emotion, anti_spoofing_model)
     recognition = RecognitionService(engine, calibration, settings, anti_spoofing_model)
     names = {
         "detector": engine.detector.name,
@@ -122,7 +120,7 @@ def load_models(settings: Settings) -> Models:
         # The key keeps its published name; the value is the anti-spoofing model's id.
         "liveness": None if anti_spoofing_model is None else anti_spoofing_model.model_id,
     }
-    return Models(recognition, emotion, anti_spoofing, names, unavailable, batchers)
+    return Models(recognition, emotion, anti_spoofing, names, unavailable)
 
 
 def _batch_across_requests(
@@ -130,22 +128,22 @@ def _batch_across_requests(
     engine: FaceEngine,
     emotion: EmotionAnalyzer | None,
     anti_spoofing: MiniFASNetAntiSpoofing | None,
-) -> list[DynamicBatcher]:
+) -> None:
     """Route every model's batch call through a DynamicBatcher, so that the faces of concurrent requests share
     one call (``FACE_BATCH_MAX_FACES=1`` turns it off). Done after warm-up, so that warm-up runs unbatched."""
     if settings.batch_max_faces <= 1:
-        return []
+        return
     wait_s = settings.batch_max_wait_ms / 1000.0
 
     def batcher(function: BatchFunction, name: str) -> DynamicBatcher:
         return DynamicBatcher(function, name, settings.batch_max_faces, wait_s)
 
-    made = [batcher(engine.embedder.embed, "embedder")]
-    engine.embedder = BatchedComponent(engine.embedder, "embed", made[-1])  # type: ignore[assignment]
+    engine.embedder = BatchedComponent(  # type: ignore[assignment]
+        engine.embedder, "embed", batcher(engine.embedder.embed, "embedder")
+    )
     if emotion is not None:
-        made.append(batcher(emotion.classifier.predict, "emotion"))
-        emotion.classifier = BatchedComponent(emotion.classifier, "predict", made[-1])  # type: ignore[assignment]
+        emotion.classifier = BatchedComponent(  # type: ignore[assignment]
+            emotion.classifier, "predict", batcher(emotion.classifier.predict, "emotion")
+        )
     if anti_spoofing is not None:
-        made.append(batcher(anti_spoofing.score_crops_now, "anti_spoofing"))
-        anti_spoofing.score_crops = made[-1]
-    return made
+        anti_spoofing.score_crops = batcher(anti_spoofing.score_crops_now, "anti_spoofing")

@@ -299,7 +299,7 @@ def register_with_our_service(base_url: str, gallery: list[tuple[str, bytes]], t
 
 
 def synthetic_workload(users: int = 1000) -> Workload:
-    """Without ../shared: astronaut as the photo, the gallery's other people drawn as variants of no face."""
+    """Without ../shared: scikit-image's astronaut is the whole gallery, the load and the recognition check."""
     from tools.load_test import probe_photo
 
     photo = probe_photo()

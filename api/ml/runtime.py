@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,23 +48,26 @@ class OnnxNetwork:
         except Exception as error:  # a truncated or foreign file: unavailable, never a 500 later
             raise ModelUnavailableError(f"cannot load {path}: {error}; run `make models` again") from error
         self._input = self._session.get_inputs()[0].name
-        self.path = Path(path)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})[0]
 
 
 class KerasNetwork:
-    """A ``.keras`` file run by TensorFlow inside one traced ``tf.function`` (any batch size)."""
+    """A ``.keras`` file run by TensorFlow inside one traced ``tf.function`` (any batch size). ``transform``
+    turns the loaded model into the one to run (e.g. a bfloat16 copy)."""
 
-    def __init__(self, path: Path, threads: int | None = None, model: object | None = None) -> None:
+    def __init__(self, path: Path, threads: int | None = None, transform: Callable[[Any], Any] | None = None) -> None:
         import tensorflow as tf
 
         configure_tensorflow_threads(threads)
         import keras
 
-        self.model = model if model is not None else keras.saving.load_model(path, compile=False)
-        network = self.model
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as error:  # a truncated or foreign file: unavailable, never a 500 later
+            raise ModelUnavailableError(f"cannot load {path}: {error}; run `make models` again") from error
+        network = transform(model) if transform is not None else model
         spec = tf.TensorSpec([None, *network.inputs[0].shape[1:]], tf.float32)  # type: ignore[attr-defined]
 
         @tf.function(input_signature=[spec])
@@ -77,9 +80,15 @@ class KerasNetwork:
         return self._forward(np.asarray(batch, np.float32)).numpy()
 
 
-def load_network(keras_path: Path, runtime: str = "onnx", threads: int | None = None, hint: str = "") -> Network:
+def load_network(
+    keras_path: Path,
+    runtime: str = "onnx",
+    threads: int | None = None,
+    hint: str = "",
+    transform: Callable[[Any], Any] | None = None,
+) -> Network:
     """The network of ``keras_path`` run by ``runtime``; ModelUnavailableError (with ``hint``: how to build it)
-    when its file is missing."""
+    when its file is missing, or when it cannot be loaded. ``transform``: see :class:`KerasNetwork` (keras only)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
     path = onnx_path_of(keras_path) if runtime == "onnx" else Path(keras_path)
@@ -88,7 +97,7 @@ def load_network(keras_path: Path, runtime: str = "onnx", threads: int | None = 
         raise ModelUnavailableError(f"{path} is missing. {hint or built_by}", path=str(path))
     if runtime == "onnx":
         return OnnxNetwork(path, threads)
-    return KerasNetwork(path, threads)
+    return KerasNetwork(path, threads, transform)
 
 
 def configure_tensorflow_threads(threads: int | None) -> None:

@@ -74,10 +74,9 @@ class MiniFASNetAntiSpoofing:
     model_id = MINIFASNET.id
 
     def __init__(self, models_dir: Path, runtime: str = "onnx", threads: int | None = None) -> None:
-        paths = [Path(models_dir) / f"{spec.stem}.keras" for spec in ANTI_SPOOF_MODELS]
-        if runtime == "onnx":
-            paths = [onnx_path_of(p) for p in paths]
-        missing = [p for p in paths if not p.is_file()]
+        keras_paths = [Path(models_dir) / f"{spec.stem}.keras" for spec in ANTI_SPOOF_MODELS]
+        needed = [onnx_path_of(p) if runtime == "onnx" else p for p in keras_paths]
+        missing = [p for p in needed if not p.is_file()]
         if missing:
             raise ModelUnavailableError(
                 f"Anti-spoofing model(s) missing: {', '.join(str(p) for p in missing)}. Build them with "
@@ -85,15 +84,8 @@ class MiniFASNetAntiSpoofing:
                 ".pth files (or copies them from the folder in FACE_MODELS_MIRROR when offline) and converts them.",
                 missing=[str(p) for p in missing],
             )
-        try:
-            self._networks = [load_network(p.with_suffix(".keras"), runtime, threads) for p in paths]
-        except (OSError, ValueError) as err:
-            raise ModelUnavailableError(
-                f"Anti-spoofing model could not be loaded ({err}); delete the model files in {models_dir} "
-                "and run `python -m tools.fetch_models` (tools/fetch_models.py) again."
-            ) from err
+        self._networks = [load_network(p, runtime, threads) for p in keras_paths]
         self.scales = tuple(spec.scale for spec in ANTI_SPOOF_MODELS)
-        self.runtime = runtime
         # Scores the crops of a batch of faces; the service replaces it with a DynamicBatcher around
         # itself so that the faces of concurrent requests share one call.
         self.score_crops: Callable[[np.ndarray], np.ndarray] = self.score_crops_now

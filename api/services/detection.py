@@ -35,6 +35,8 @@ class DetectedFace:
         return float(self.box[2] * self.box[3])
 
     def scaled(self, factor: float) -> DetectedFace:
+        if factor == 1.0:
+            return self
         landmarks = None if self.landmarks is None else (self.landmarks * factor).astype(np.float32)
         return DetectedFace(tuple(float(v) * factor for v in self.box), self.score, landmarks)  # type: ignore[arg-type]
 

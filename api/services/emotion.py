@@ -23,7 +23,7 @@ import numpy as np
 
 from api.errors import ModelUnavailableError
 from api.ml.registry import EMOTION_CNN
-from api.ml.runtime import KerasNetwork, load_network
+from api.ml.runtime import load_network
 
 EMOTION_LABELS: tuple[str, ...] = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 FACE_SIZE = 48
@@ -176,27 +176,10 @@ class KerasEmotionClassifier:
         if precision == "bfloat16":
             runtime = "keras"  # the bfloat16 copy is made from the Keras model; the ONNX export is float32
         hint = f"`make models` exports it from {path.name} (train that with `python -m tools.train_emotion`)."
-        if runtime == "keras":
-            self._network = self._keras_network(path, precision, threads, hint)
-        else:
-            self._network = load_network(path, runtime, threads, hint)
+        transform = _bfloat16_copy if precision == "bfloat16" else None
+        self._network = load_network(path, runtime, threads, hint, transform)
         self.precision = precision
-        self.runtime = runtime
         self.tta = tta
-
-    @staticmethod
-    def _keras_network(path: Path, precision: str, threads: int | None, hint: str) -> KerasNetwork:
-        if not path.is_file():
-            raise ModelUnavailableError(f"{path} is missing. {hint}", path=str(path))
-        import keras
-
-        try:
-            model = keras.models.load_model(path, compile=False)
-        except Exception as error:  # a truncated or foreign file: report it as unavailable, not a 500
-            raise ModelUnavailableError(f"cannot load emotion model {path}: {error}", path=str(path)) from error
-        if precision == "bfloat16":
-            model = _bfloat16_copy(model)
-        return KerasNetwork(path, threads, model=model)
 
     def predict(self, faces_grey48: np.ndarray) -> np.ndarray:
         batch = _as_batch(faces_grey48)

@@ -10,9 +10,10 @@ import numpy as np
 
 from api.config import Settings
 from api.errors import FaceTooSmallError, MultipleFacesError, NoFaceError
+from api.metrics import stage
 from api.services.detection import DetectedFace, FaceDetector, build_detector
 from api.services.embedding import FaceEmbedder, build_embedder
-from api.services.imaging import DecodedImage, decode_image
+from api.services.imaging import DecodedImage, decode_image, decode_reduced
 
 FaceSelection = Literal["largest", "central", "single"]
 
@@ -49,11 +50,31 @@ def central_face_index(boxes: Sequence[tuple[float, float, float, float]], image
 
 
 class FaceEngine:
-    def __init__(self, detector: FaceDetector, embedder: FaceEmbedder, min_face_size: int = 40) -> None:
+    def __init__(
+        self, detector: FaceDetector, embedder: FaceEmbedder, min_face_size: int = 40, decode_min_side: int = 0
+    ) -> None:
         self.detector = detector
         self.embedder = embedder
         self.aligner = embedder.aligner  # each embedder brings the crop it was trained on
         self.min_face_size = min_face_size
+        # Large JPEGs are decoded reduced while their longer side stays at least this (0: always full size).
+        self.decode_min_side = decode_min_side
+
+    def decode(self, data: bytes, max_pixels: int, face_crop: bool = False) -> DecodedImage:
+        """The photo as detection needs it: large JPEGs at reduced size (never a client's face crop)."""
+        with stage("decode"):
+            return decode_reduced(data, max_pixels, 0 if face_crop else self.decode_min_side)
+
+    def at_full_size_if_small(
+        self, data: bytes, max_pixels: int, decoded: DecodedImage, faces: list[DetectedFace], min_face: int
+    ) -> tuple[np.ndarray, list[DetectedFace], float]:
+        """The image, the faces in its pixels and its scale: the reduced decode when every face in it measures
+        at least ``min_face`` pixels (what the crops of the models need), else the photo decoded at full size
+        again with the faces mapped onto it, so that a small face never loses detail to the reduced decode."""
+        if decoded.scale < 1.0 and faces and min(face.size for face in faces) < min_face:
+            with stage("decode"):
+                return decode_image(data, max_pixels), [face.scaled(1.0 / decoded.scale) for face in faces], 1.0
+        return decoded.pixels, faces, decoded.scale
 
     @property
     def model_id(self) -> str:
@@ -140,17 +161,6 @@ class FaceEngine:
         self.embedder.embed(np.zeros((1, *self.embedder.chip_shape), np.uint8))
 
 
-def at_full_size_if_small(
-    data: bytes, max_pixels: int, decoded: DecodedImage, faces: list[DetectedFace], min_face: int
-) -> tuple[np.ndarray, list[DetectedFace], float]:
-    """The image, the faces in its pixels and its scale: the reduced decode when every face in it measures at
-    least ``min_face`` pixels (what the crops of the models need), else the photo decoded at full size again
-    with the faces mapped onto it, so that a small face never loses detail to the reduced decode."""
-    if decoded.scale < 1.0 and faces and min(face.size for face in faces) < min_face:
-        return decode_image(data, max_pixels), [face.scaled(1.0 / decoded.scale) for face in faces], 1.0
-    return decoded.pixels, faces, decoded.scale
-
-
 def build_engine(settings: Settings) -> FaceEngine:
     detector = build_detector(
         settings.detector,
@@ -167,4 +177,5 @@ def build_engine(settings: Settings) -> FaceEngine:
         settings.facenet_model_path,
         settings.inference_runtime,
     )
-    return FaceEngine(detector, embedder, settings.min_face_size)
+    decode_min_side = settings.detect_max_side if settings.reduced_decoding else 0
+    return FaceEngine(detector, embedder, settings.min_face_size, decode_min_side)

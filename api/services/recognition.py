@@ -27,8 +27,7 @@ from api.metrics import stage
 from api.services.anti_spoofing import MiniFASNetAntiSpoofing
 from api.services.batching import expecting
 from api.services.detection import DetectedFace
-from api.services.engine import FaceEngine, FaceSelection, at_full_size_if_small
-from api.services.imaging import decode_reduced
+from api.services.engine import FaceEngine, FaceSelection
 from api.services.matching import Calibration, distance_from_similarity, similarity_from_cosine
 from api.store import DEFAULT_COLLECTION, FaceStore, SearchResult, UserMatch, UserRecord, WriteGuard
 
@@ -59,7 +58,7 @@ class FoundFace:
     @property
     def face_in_photo(self) -> DetectedFace:
         """The face in the photo's own pixels: what answers report."""
-        return self.face if self.scale == 1.0 else self.face.scaled(1.0 / self.scale)
+        return self.face.scaled(1.0 / self.scale)
 
 
 @dataclass(frozen=True)
@@ -170,18 +169,14 @@ class RecognitionService:
     ) -> FoundFace:
         """``face_crop``: the client cropped the image to one face; the whole image is that face."""
         max_pixels = self.settings.max_image_pixels
-        reduce_to = self.settings.detect_max_side if self.settings.reduced_decoding and not face_crop else 0
-        with stage("decode"):
-            decoded = decode_reduced(upload.data, max_pixels, reduce_to)
-        image, scale = decoded.pixels, decoded.scale
+        decoded = self.engine.decode(upload.data, max_pixels, face_crop)
         with stage("detect"):
             if face_crop:
-                face = self.engine.face_of_crop(image)
+                face = self.engine.face_of_crop(decoded.pixels)
             else:
-                face = self.engine.select_face(image, self.engine.detect(image), selection, scale)
-        if scale < 1.0:
-            with stage("decode"):
-                image, (face,), scale = at_full_size_if_small(upload.data, max_pixels, decoded, [face], CHIP_FACE)
+                faces = self.engine.detect(decoded.pixels)
+                face = self.engine.select_face(decoded.pixels, faces, selection, decoded.scale)
+        image, (face,), scale = self.engine.at_full_size_if_small(upload.data, max_pixels, decoded, [face], CHIP_FACE)
         if refuse_spoofs:
             with stage("anti_spoofing"):
                 self.refuse_spoof(image, face)
