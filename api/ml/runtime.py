@@ -29,22 +29,28 @@ def onnx_path_of(keras_path: Path) -> Path:
     return Path(keras_path).with_suffix(".onnx")
 
 
+def onnx_session(model: Path | bytes, threads: int | None = None) -> Any:
+    """An ONNX Runtime session on the CPU for a model file (or a serialized model), with pinned thread pools."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle pool threads spin for a while by default: on 2 shared cores that spinning takes the CPU from
+    # the threads that decode and detect the next requests.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxNetwork:
-    """One ``.onnx`` file in an ONNX Runtime session on the CPU, with pinned thread pools."""
+    """One ``.onnx`` file in an ONNX Runtime session (:func:`onnx_session`)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Idle pool threads spin for a while by default: on 2 shared cores that spinning takes the CPU from
-        # the threads that decode and detect the next requests.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = onnx_session(path, threads)
         except Exception as error:  # a truncated or foreign file: unavailable, never a 500 later
             raise ModelUnavailableError(f"cannot load {path}: {error}; run `make models` again") from error
         self._input = self._session.get_inputs()[0].name

@@ -168,6 +168,7 @@ def build_engine(settings: Settings) -> FaceEngine:
         settings.detect_max_side,
         settings.detect_min_side,
         settings.detect_first_pass_side,
+        settings.detector_runtime,
     )
     embedder = build_embedder(
         settings.embedder,

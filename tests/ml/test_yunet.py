@@ -1,0 +1,84 @@
+"""YuNet rebuilt from libfacedetection's weights: the ONNX graph finds what the library finds, where it finds it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from api.ml.yunet import LAYER_COUNT, LibraryFormatError, _check_shapes, read_layers
+from api.services.detection import YuNetOnnx, _libfacedetection
+
+
+@pytest.fixture(scope="module")
+def library():
+    return _libfacedetection()
+
+
+@pytest.fixture(scope="module")
+def rebuilt() -> YuNetOnnx:
+    return YuNetOnnx()
+
+
+def at_longer_side(image: np.ndarray, side: int) -> np.ndarray:
+    factor = side / max(image.shape[:2])
+    size = (max(1, round(image.shape[1] * factor)), max(1, round(image.shape[0] * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
+
+
+def assert_same_faces(library, rebuilt: YuNetOnnx, image: np.ndarray) -> int:
+    """Same faces in the same order; the library truncates scores to whole percent and coordinates to whole
+    pixels, so the rebuilt values lie within one unit of those."""
+    theirs, ours = library(image, 0.2), rebuilt(image, 0.2)
+    assert len(ours) == len(theirs), (ours[:, :5], theirs[:, :5])
+    if len(ours):
+        assert np.all(np.abs(ours[:, 0] - theirs[:, 0]) < 0.0101), (ours[:, 0], theirs[:, 0])
+        assert np.abs(ours[:, 1:] - theirs[:, 1:]).max() < 1.01, np.abs(ours[:, 1:] - theirs[:, 1:]).max()
+    return len(ours)
+
+
+def test_the_library_holds_the_layers_the_rebuild_expects() -> None:
+    layers = read_layers()
+    assert len(layers) == LAYER_COUNT
+    assert (layers[0].channels, layers[0].filters, layers[0].depthwise) == (32, 16, False)
+    assert all(layer.depthwise for layer in layers[2:29:2]), "every unit is a pointwise layer and a depthwise one"
+    assert np.isfinite(np.concatenate([layer.weights.ravel() for layer in layers])).all()
+
+
+def test_another_layer_table_is_refused() -> None:
+    layers = read_layers()
+    changed = [*layers[:29], layers[30], layers[29], *layers[31:]]  # a head's depthwise and pointwise swapped
+    with pytest.raises(LibraryFormatError):
+        _check_shapes(changed)
+
+
+def test_the_astronaut_at_both_detection_sizes(library, rebuilt: YuNetOnnx, astronaut: np.ndarray) -> None:
+    for side in (320, 640, 300):
+        assert assert_same_faces(library, rebuilt, at_longer_side(astronaut, side)) >= 1
+
+
+def test_photos_of_several_sizes_and_faces(library, rebuilt: YuNetOnnx, shared_dir: Path) -> None:
+    photos = sorted((shared_dir / "identity" / "deepface").glob("*.jpg"))
+    photos += sorted((shared_dir / "identity" / "lfw" / "images").rglob("*.jpg"))[:: 97][:40]
+    assert len(photos) > 40
+    found = 0
+    for path in photos:
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        for side in (300, 320, 640):  # LFW's 250 px photos are upscaled to 300 px, larger photos shrunk
+            found += assert_same_faces(library, rebuilt, at_longer_side(image, side))
+    assert found >= 3 * len(photos)
+
+
+def test_images_the_network_must_pad(library, rebuilt: YuNetOnnx, astronaut: np.ndarray) -> None:
+    """Sizes that are not multiples of 32, a strip, and a face cut by the border."""
+    rng = np.random.default_rng(3)
+    images = [
+        astronaut[:301, :257],
+        astronaut[40:250, 150:420],  # the face reaches the left border
+        rng.integers(0, 256, (33, 700, 3), dtype=np.uint8),
+        np.full((1, 64, 3), 128, np.uint8),
+    ]
+    for image in images:
+        assert_same_faces(library, rebuilt, np.ascontiguousarray(image))
