@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     resources_dir: Path = REPO_ROOT / "resources"
     embedding_model_path: Path = REPO_ROOT / "face_embedding_model.keras"
     facenet_model_path: Path = REPO_ROOT / "facenet_embedding_model.keras"
+    # YuNet's network as an ONNX graph, written by `make models` from the weights in libfacedetection's library.
+    detector_model_path: Path = REPO_ROOT / "resources" / "face_detector_yunet.onnx"
     # Offline mirror of weights that no package ships (anti-spoofing); set-up copies from here.
     models_mirror: Path | None = None
     detector: str = Field("yunet", description="yunet, or a deepface detector backend: opencv, mtcnn, dlib, ssd, ...")

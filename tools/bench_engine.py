@@ -8,7 +8,8 @@ process CPU time (all threads), which a busy machine inflates far less than wall
 
 Measured:
 
-* ours: decode, detect (YuNet), align (similarity warp), embed at batch 1 and 8 with and without flip TTA,
+* ours: decode, detect (YuNet, on both of its runtimes: ONNX Runtime and libfacedetection itself), align
+  (similarity warp), embed at batch 1 and 8 with and without flip TTA,
   and end to end (decode, then ``FaceEngine.represent``: detect, pick the largest face, align, embed); detection
   and end to end also with the detector working on a 320 px copy instead of the configured 640 px, for comparison.
 * deepface: ``DeepFace.represent(path, model_name="Dlib", detector_backend="opencv")``, weights seeded by
@@ -205,6 +206,15 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
     small_side = SMALL_DETECT_SIDE
     small_detector = YuNetDetector(settings.detection_confidence, small_side, min(small_side, settings.detect_min_side))
     small_engine = FaceEngine(small_detector, embedder, settings.min_face_size)
+    # The other YuNet runtime with the same sizes: libfacedetection itself against its network in ONNX Runtime.
+    other_runtime = "library" if settings.detector_runtime == "onnx" else "onnx"
+    other_detector = YuNetDetector(
+        settings.detection_confidence,
+        settings.detect_max_side,
+        settings.detect_min_side,
+        settings.detect_first_pass_side,
+        runtime=other_runtime,
+    )
 
     def end_to_end(flip: bool, using: FaceEngine = engine) -> Callable[[], object]:
         def call() -> object:
@@ -215,7 +225,14 @@ def ours_measurements(jpeg: bytes, photo: np.ndarray, threads: int | None = None
 
     measurements = [
         Measurement("ours decode", lambda: decode_image(jpeg)),
-        Measurement(f"ours detect (YuNet, max side {settings.detect_max_side})", lambda: engine.detect(photo)),
+        Measurement(
+            f"ours detect (YuNet {settings.detector_runtime}, max side {settings.detect_max_side})",
+            lambda: engine.detect(photo),
+        ),
+        Measurement(
+            f"ours detect (YuNet {other_runtime}, max side {settings.detect_max_side})",
+            lambda: other_detector.detect(photo),
+        ),
         Measurement(f"ours detect (YuNet, max side {small_side})", lambda: small_detector.detect(photo)),
         Measurement("ours align (1 face)", lambda: engine.align(photo, [face])),
         Measurement("ours embed batch 1, flip", embed(chip, True)),

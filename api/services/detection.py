@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from pathlib import Path
 from typing import Literal, Protocol
 
 import cv2
 import numpy as np
 
+from api.config import Settings
+from api.errors import ModelUnavailableError
 from api.ml.registry import YUNET
 
 # Landmark order used everywhere in the project (image left to right, as YuNet emits them):
@@ -88,10 +90,16 @@ class YuNetDetector:
         first_pass_side: int = 320,
         first_pass_min_face: int = 40,
         runtime: DetectorRuntime = "onnx",
+        model_path: Path | None = None,
     ) -> None:
+        """``model_path``: the ONNX graph (runtime "onnx"); by default the configured one
+        (``FACE_DETECTOR_MODEL_PATH``, ``resources/face_detector_yunet.onnx``)."""
         if runtime not in DETECTOR_RUNTIMES:
             raise ValueError(f"the detector runtime must be one of {', '.join(DETECTOR_RUNTIMES)}, not {runtime!r}")
-        self._find: YuNetBackend = YuNetOnnx() if runtime == "onnx" else _libfacedetection()
+        if runtime == "onnx":
+            self._find: YuNetBackend = YuNetOnnx(model_path or Settings().detector_model_path)
+        else:
+            self._find = _libfacedetection()
         self.runtime = runtime
         self.confidence = confidence
         self.max_side = max_side
@@ -154,16 +162,9 @@ LIBRARY_TOP_K = 1000  # candidates considered, best first
 LIBRARY_KEEP_TOP_K = 512  # faces returned at most
 
 
-@lru_cache(maxsize=1)
-def _yunet_onnx_model() -> bytes:
-    """The ONNX graph of the library's network, built once per process (reading the library, ~1 s)."""
-    from api.ml.yunet import build_onnx, read_layers
-
-    return build_onnx(read_layers())
-
-
 class YuNetOnnx:
-    """libfacedetection's network (:mod:`api.ml.yunet`) in ONNX Runtime, decoded as the library decodes it:
+    """libfacedetection's network in ONNX Runtime, from the graph ``make models`` writes (:mod:`api.ml.yunet`),
+    decoded as the library decodes it:
     priors on a grid per stride (8, 16, 32), boxes from centre offsets and log sizes, five landmarks as
     offsets, score = sqrt(sigmoid(cls) * sigmoid(obj)), then greedy non-maximum suppression.
 
@@ -173,10 +174,19 @@ class YuNetOnnx:
     a second one made the 320 px pass slower here (1.7 -> 2.1 ms).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
         from api.ml.runtime import onnx_session
 
-        self._session = onnx_session(_yunet_onnx_model(), threads=1)
+        if not Path(path).is_file():
+            raise ModelUnavailableError(
+                f"{path} is missing: `make models` (python -m tools.fetch_models) writes it from libfacedetection's "
+                "weights",
+                path=str(path),
+            )
+        try:
+            self._session = onnx_session(Path(path), threads=1)
+        except Exception as error:  # a truncated or foreign file: unavailable, never a 500 later
+            raise ModelUnavailableError(f"cannot load {path}: {error}; run `make models` again") from error
         self._outputs = [output.name for output in self._session.get_outputs()]
 
     def __call__(self, image_rgb: np.ndarray, min_score: float) -> np.ndarray:
@@ -310,7 +320,10 @@ def build_detector(
     min_side: int,
     first_pass_side: int = 320,
     runtime: DetectorRuntime = "onnx",
+    model_path: Path | None = None,
 ) -> FaceDetector:
     if name == "yunet":
-        return YuNetDetector(confidence, max_side, min_side, first_pass_side=first_pass_side, runtime=runtime)
+        return YuNetDetector(
+            confidence, max_side, min_side, first_pass_side=first_pass_side, runtime=runtime, model_path=model_path
+        )
     return DeepFaceDetector(name, confidence=confidence)

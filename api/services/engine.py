@@ -169,6 +169,7 @@ def build_engine(settings: Settings) -> FaceEngine:
         settings.detect_min_side,
         settings.detect_first_pass_side,
         settings.detector_runtime,
+        settings.detector_model_path,
     )
     embedder = build_embedder(
         settings.embedder,

@@ -8,8 +8,9 @@ import cv2
 import numpy as np
 import pytest
 
-from api.ml.yunet import LAYER_COUNT, LibraryFormatError, _check_shapes, read_layers
-from api.services.detection import YuNetOnnx, _libfacedetection
+from api.errors import ModelUnavailableError
+from api.ml.yunet import LAYER_COUNT, LibraryFormatError, _check_shapes, read_layers, write_onnx
+from api.services.detection import YuNetDetector, YuNetOnnx, _libfacedetection
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,9 @@ def library():
 
 
 @pytest.fixture(scope="module")
-def rebuilt() -> YuNetOnnx:
-    return YuNetOnnx()
+def rebuilt(tmp_path_factory: pytest.TempPathFactory) -> YuNetOnnx:
+    """A graph written here and now from the installed library (not the one `make models` left in resources/)."""
+    return YuNetOnnx(write_onnx(tmp_path_factory.mktemp("yunet") / "face_detector_yunet.onnx"))
 
 
 def at_longer_side(image: np.ndarray, side: int) -> np.ndarray:
@@ -62,7 +64,7 @@ def test_the_astronaut_at_both_detection_sizes(library, rebuilt: YuNetOnnx, astr
 
 def test_photos_of_several_sizes_and_faces(library, rebuilt: YuNetOnnx, shared_dir: Path) -> None:
     photos = sorted((shared_dir / "identity" / "deepface").glob("*.jpg"))
-    photos += sorted((shared_dir / "identity" / "lfw" / "images").rglob("*.jpg"))[:: 97][:40]
+    photos += sorted((shared_dir / "identity" / "lfw" / "images").rglob("*.jpg"))[::97][:40]
     assert len(photos) > 40
     found = 0
     for path in photos:
@@ -83,3 +85,32 @@ def test_images_the_network_must_pad(library, rebuilt: YuNetOnnx, astronaut: np.
     ]
     for image in images:
         assert_same_faces(library, rebuilt, np.ascontiguousarray(image))
+
+
+def test_a_missing_or_broken_graph_file_is_reported_with_the_command_that_builds_it(tmp_path: Path) -> None:
+    with pytest.raises(ModelUnavailableError, match="make models"):
+        YuNetDetector(model_path=tmp_path / "absent.onnx")
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a graph")
+    with pytest.raises(ModelUnavailableError, match="make models"):
+        YuNetDetector(model_path=broken)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_the_library_runtime_needs_no_graph_file(tmp_path: Path) -> None:
+    detector = YuNetDetector(runtime="library", model_path=tmp_path / "absent.onnx")
+    assert detector.runtime == "library"
+    with pytest.raises(ValueError, match="runtime"):
+        YuNetDetector(runtime="tensorflow")  # type: ignore[arg-type]
+
+
+def test_set_up_writes_the_graph_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.fetch_models import FetchContext, build_detector_graph
+
+    context = FetchContext(tmp_path / "resources", mirror=None, timeout_s=1.0, download=False)
+    build_detector_graph(context)
+    built = tmp_path / "resources" / "face_detector_yunet.onnx"
+    assert built.is_file() and "built face_detector_yunet.onnx" in capsys.readouterr().out
+    build_detector_graph(context)
+    assert "is up to date" in capsys.readouterr().out
+    assert YuNetDetector(model_path=built).detect(np.full((240, 320, 3), 128, np.uint8)) == []
