@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 import struct
 import zlib
@@ -19,7 +20,7 @@ from api.errors import (
     InvalidImageError,
     UnsupportedMediaTypeError,
 )
-from api.services.imaging import decode_image, sniff_format
+from api.services.imaging import _draft_reduction, decode_image, decode_reduced, sniff_format
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +244,63 @@ def test_exif_orientation_is_applied(photo: Image.Image, orientation: int, store
     _check_rgb(upright, (256, 320))
     reference = decode_image(_encode(photo, "JPEG", quality=95))
     assert np.abs(upright.astype(int) - reference.astype(int)).mean() < 3
+
+
+# --- OpenCV's decoding of colour JPEGs: PIL's pixels, faster ----------------------------------------------
+
+
+def _decoded_by_pil(data: bytes, min_side: int) -> tuple[np.ndarray, float]:
+    """What PIL alone makes of a JPEG: draft to the reduced size, decode, EXIF transpose."""
+    from PIL import ImageOps
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if min_side and max(width, height) >= 2 * min_side:
+            factor = min_side / max(width, height)
+            image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
+        image.load()
+        scale = image.size[0] / width
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB")), scale
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("min_side", [0, 640, 300, 100])
+def test_colour_jpegs_decode_to_pils_pixels_bit_for_bit(photo: Image.Image, orientation: int, min_side: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(photo.resize((1184, 1600)), "JPEG", quality=90, exif=exif.tobytes())
+    decoded = decode_reduced(data, min_side=min_side)
+    expected, scale = _decoded_by_pil(data, min_side)
+    assert decoded.pixels.shape == expected.shape and decoded.scale == scale
+    assert np.array_equal(decoded.pixels, expected)
+
+
+@pytest.mark.parametrize("size", [(1184, 1600), (1600, 1184), (1281, 640), (5000, 3000), (641, 2000), (1279, 1279)])
+def test_the_reduction_is_the_one_pils_draft_picks(size: tuple[int, int]) -> None:
+    for min_side in (0, 100, 300, 640):
+        with Image.open(io.BytesIO(_encode(Image.new("RGB", size, (90, 120, 150)), "JPEG"))) as image:
+            width, height = size
+            if min_side and max(size) >= 2 * min_side:
+                factor = min_side / max(size)
+                image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
+            assert image.size == (
+                -(-width // _draft_reduction(width, height, min_side)),
+                -(-height // _draft_reduction(width, height, min_side)),
+            )
+
+
+def test_jpegs_left_to_pil_and_damaged_jpegs_decode_as_pil_decodes_them(photo: Image.Image) -> None:
+    """Grey JPEGs and JPEGs with bytes after their end marker take PIL's path; a cut JPEG (no end marker) is
+    refused; a cut one with an end marker after the cut decodes, grey below the cut, in both libraries."""
+    grey = decode_image(_encode(photo.convert("L"), "JPEG"))
+    _check_rgb(grey, (256, 320))
+    assert (grey[..., 0] == grey[..., 1]).all()
+    data = _encode(photo, "JPEG")
+    assert np.array_equal(decode_image(data + b"\x00" * 16), decode_image(data))
+    with pytest.raises(InvalidImageError):
+        decode_image(data[:-200])
+    mended = data[:-200] + b"\xff\xd9"
+    assert np.array_equal(decode_image(mended), _decoded_by_pil(mended, 0)[0])
 
 
 # --- the real files of ../shared/facedata/robustness -------------------------------------------------------
