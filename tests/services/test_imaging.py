@@ -303,6 +303,28 @@ def test_jpegs_left_to_pil_and_damaged_jpegs_decode_as_pil_decodes_them(photo: I
     assert np.array_equal(decode_image(mended), _decoded_by_pil(mended, 0)[0])
 
 
+@pytest.mark.shared
+def test_every_colour_jpeg_of_shared_decodes_to_pils_pixels(shared_dir: Path) -> None:
+    """All of identity/ and robustness/ (LFW, deepface, face_recognition, CompreFace photos), full size and at
+    the reduced size the engine asks for."""
+    compared = 0
+    for path in sorted([*(shared_dir / "identity").rglob("*.jp*g"), *(shared_dir / "robustness").rglob("*.jp*g")]):
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format != "JPEG" or image.mode != "RGB":
+                    continue
+                image.load()
+        except OSError:
+            continue  # a cut file: refused by both paths (test_jpegs_left_to_pil_...)
+        for min_side in (0, 640):
+            decoded = decode_reduced(data, min_side=min_side)
+            expected, scale = _decoded_by_pil(data, min_side)
+            assert decoded.scale == scale and np.array_equal(decoded.pixels, expected), (path, min_side)
+        compared += 1
+    assert compared > 5000, compared
+
+
 # --- the real files of ../shared/facedata/robustness -------------------------------------------------------
 
 
