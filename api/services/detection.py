@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import cv2
 import numpy as np
@@ -61,7 +61,7 @@ def _resize_factor(height: int, width: int, max_side: int, min_side: int) -> flo
 
 
 DetectorRuntime = Literal["onnx", "library"]
-DETECTOR_RUNTIMES: tuple[str, ...] = ("onnx", "library")
+DETECTOR_RUNTIMES: tuple[str, ...] = get_args(DetectorRuntime)
 
 # A YuNet backend: an RGB uint8 image and a score floor in; the faces found, after non-maximum suppression,
 # as float32 rows (score 0..1, x, y, w, h, then the 5 landmarks as x, y pairs) in that image's pixels.
