@@ -275,6 +275,17 @@ def test_colour_jpegs_decode_to_pils_pixels_bit_for_bit(photo: Image.Image, orie
     assert np.array_equal(decoded.pixels, expected)
 
 
+@pytest.mark.parametrize(
+    "encoding", [{"progressive": True}, {"subsampling": 0}, {"subsampling": 1}, {"optimize": True, "quality": 60}]
+)
+def test_progressive_and_other_encodings_decode_to_pils_pixels(photo: Image.Image, encoding: dict) -> None:
+    data = _encode(photo.resize((1184, 1600)), "JPEG", **encoding)
+    for min_side in (0, 640, 300):
+        decoded = decode_reduced(data, min_side=min_side)
+        expected, scale = _decoded_by_pil(data, min_side)
+        assert decoded.scale == scale and np.array_equal(decoded.pixels, expected), min_side
+
+
 @pytest.mark.parametrize("size", [(1184, 1600), (1600, 1184), (1281, 640), (5000, 3000), (641, 2000), (1279, 1279)])
 def test_the_reduction_is_the_one_pils_draft_picks(size: tuple[int, int]) -> None:
     for min_side in (0, 100, 300, 640):
