@@ -31,6 +31,17 @@ def error_of(response: httpx.Response, status: int, code: str) -> dict[str, Any]
     return error
 
 
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample of a /metrics page (0 when absent), read with prometheus-client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == name and found.labels == labels:
+                return float(found.value)
+    return 0.0
+
+
 def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
     """``image`` (H, W, 3 uint8 RGB) encoded as JPEG."""
     from PIL import Image

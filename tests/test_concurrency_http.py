@@ -36,7 +36,7 @@ import pytest
 from PIL import Image
 
 from api.store.npz import NpzFaceStore
-from tests.helpers import JPEG, report_line
+from tests.helpers import JPEG, report_line, sample
 from tools.common import FACEDATA
 
 THREADS = 8
@@ -320,17 +320,17 @@ def test_500_concurrent_operations_on_two_workers(
 
 
 def test_a_burst_beyond_the_queue_is_shed_with_503_overloaded_and_the_service_recovers(
-    live_server: Callable, astronaut: np.ndarray, to_jpeg: Callable[..., bytes]
+    live_server: Callable, astronaut_jpeg: bytes
 ) -> None:
     """One inference at a time and two waiting: a burst of 16 verifies gets quick 503 OVERLOADED answers with
     Retry-After for what does not fit, never a timeout or a 500; every accepted request succeeds, and once
     the burst is over the service answers as before."""
     server = live_server(FACE_INFERENCE_CONCURRENCY="1", FACE_MAX_QUEUED_REQUESTS="2")
-    photo = to_jpeg(astronaut)
+    photo = astronaut_jpeg
     with httpx.Client(base_url=server.url, timeout=120) as http:
         registered = http.post("/api/register", data={"name": "A"}, files={"files": ("a.jpg", photo, JPEG)})
         assert registered.status_code == 201, registered.text
-        refused_before = overloaded_total(http.get("/metrics").text)
+        refused_before = sample(http.get("/metrics").text, "face_overloaded_total")
 
     gate = threading.Barrier(16)
 
@@ -353,11 +353,5 @@ def test_a_burst_beyond_the_queue_is_shed_with_503_overloaded_and_the_service_re
     with httpx.Client(base_url=server.url, timeout=120) as http:
         after = [http.post("/api/verify", files={"file": ("a.jpg", photo, JPEG)}) for _ in range(3)]
         assert [a.status_code for a in after] == [200, 200, 200]
-        refused_after = overloaded_total(http.get("/metrics").text)
+        refused_after = sample(http.get("/metrics").text, "face_overloaded_total")
     assert refused_after - refused_before == statuses[503], (refused_before, refused_after)
-
-
-def overloaded_total(metrics: str) -> float:
-    """``face_overloaded_total`` of a /metrics page (0 before the first refusal)."""
-    lines = [line for line in metrics.splitlines() if line.startswith("face_overloaded_total ")]
-    return float(lines[0].split()[-1]) if lines else 0.0

@@ -223,8 +223,8 @@ def register(*inputs: str, name: str = "Bad Input", **form: str) -> Send:
     )
 
 
-def compare(first: str, second: Upload) -> Send:
-    return Send("POST", "/api/compare", files=(Upload("image1", first), second))
+def compare(first: str, second: Upload, **form: str) -> Send:
+    return Send("POST", "/api/compare", files=(Upload("image1", first), second), form=form or None)
 
 
 def upload(url: str, payload: str) -> Send:
@@ -319,7 +319,7 @@ CASES: tuple[Case, ...] = (
     Case(
         "threshold=2",
         COMPARE,
-        Send("POST", "/api/compare", files=(Upload("image1", PHOTO), Upload("image2", PHOTO)), form={"threshold": "2"}),
+        compare(PHOTO, Upload("image2", PHOTO), threshold="2"),
         INVALID,
     ),
     Case("offset=-1, limit=0", "GET /api/users", Send("GET", "/api/users?offset=-1&limit=0"), INVALID),

@@ -522,11 +522,16 @@ def reduced_decoding(args: argparse.Namespace) -> dict[str, Any]:
     from api.services.imaging import decode_reduced
     from api.services.recognition import ImageUpload
 
-    photos = [path for path in sorted((FACEDATA / "identity").glob("*/*.jpg")) if max(Image.open(path).size) >= 1280]
+    def longer_side(path: Path) -> int:
+        with Image.open(path) as image:
+            return max(image.size)
+
+    photos = [path for path in sorted((FACEDATA / "identity").glob("*/*.jpg")) if longer_side(path) >= 1280]
     services = {
         flag: load_models(Settings(reduced_decoding=flag, batch_max_faces=1)).recognition for flag in (False, True)
     }
-    side = Settings().detect_max_side
+    settings = Settings()
+    side, max_pixels = services[True].engine.decode_min_side, settings.max_image_pixels
     rows, cosines, kept = [], [], 0
     for path in photos:
         data = path.read_bytes()
@@ -534,7 +539,7 @@ def reduced_decoding(args: argparse.Namespace) -> dict[str, Any]:
         for label, min_side in (("full", 0), ("reduced", side)):
             started = time.perf_counter()
             for _ in range(args.rounds):
-                decode_reduced(data, 40_000_000, min_side)
+                decode_reduced(data, max_pixels, min_side)
             times[label] = (time.perf_counter() - started) * 1000.0 / args.rounds
         descriptors = {}
         for flag, service in services.items():

@@ -7,6 +7,7 @@ The loaders of the other data sets (FER2013 and labelled emotion photos, anti-sp
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +19,13 @@ __all__ = [
     "REPO_ROOT",
     "SHARED",
     "Pair",
+    "child_pids",
     "configured_embedder",
     "embedder_tag",
+    "free_port",
     "lfw_image_path",
     "lfw_images",
+    "lfw_people",
     "memory_kb",
     "non_default_embedder",
     "read_pairs",
@@ -35,6 +39,19 @@ LFW = FACEDATA / "identity" / "lfw"
 
 def lfw_images(shared: Path = SHARED) -> list[Path]:
     return sorted((shared / "facedata" / "identity" / "lfw" / "images").glob("*/*.jpg"))
+
+
+def lfw_people(count: int, images: Path = LFW / "images") -> list[tuple[str, list[Path]]]:
+    """The first ``count`` LFW people (folders ``images/<Name>/<Name>_NNNN.jpg``, sorted by name) that have
+    at least two photos, each with its photos in order (fewer people when LFW holds fewer)."""
+    people = []
+    for folder in sorted(path for path in images.iterdir() if path.is_dir()):
+        photos = sorted(folder.glob("*.jpg"))
+        if len(photos) >= 2:
+            people.append((folder.name, photos))
+            if len(people) == count:
+                break
+    return people
 
 
 @dataclass(frozen=True)
@@ -91,6 +108,21 @@ def memory_kb(pid: int) -> dict[str, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields
+
+
+def child_pids(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a server's workers), from /proc; [] once it has exited."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def non_default_embedder() -> str | None:

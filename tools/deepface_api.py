@@ -60,7 +60,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -73,7 +72,7 @@ from typing import Any, NamedTuple
 
 import httpx
 
-from tools.common import LFW, REPO_ROOT, memory_kb
+from tools.common import REPO_ROOT, child_pids, free_port, lfw_people, memory_kb
 
 __all__ = [
     "DEFAULT_HOME",
@@ -83,6 +82,7 @@ __all__ = [
     "anti_spoof_request",
     "best_match",
     "deepface_api_dir",
+    "deepface_api_on_postgres",
     "emotion_request",
     "error_message",
     "gunicorn_command",
@@ -157,7 +157,7 @@ def deepface_api_dir() -> Path:
     return folder
 
 
-def gunicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
+def gunicorn_command(port: int) -> list[str]:
     """deepface's serving command (scripts/service.sh), with this interpreter's gunicorn; run it from
     :func:`deepface_api_dir`.
 
@@ -171,19 +171,19 @@ def gunicorn_command(port: int, host: str = "127.0.0.1") -> list[str]:
         "gunicorn",
         "--workers=1",
         f"--timeout={GUNICORN_TIMEOUT_S}",
-        f"--bind={host}:{port}",
+        f"--bind=127.0.0.1:{port}",
         "--no-control-socket",
         "app:create_app()",
     ]
 
 
-def _server_environment(home: Path, database_url: str | None, database_type: str) -> dict[str, str]:
+def _server_environment(home: Path, database_url: str | None) -> dict[str, str]:
     """This process's environment without any ``DEEPFACE_*`` of its own (an auth token or another database
     would change what is measured), plus the server's configuration and a dead proxy (no downloads)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("DEEPFACE_")}
     env.update(
         DEEPFACE_HOME=str(home),
-        DEEPFACE_DATABASE_TYPE=database_type,
+        DEEPFACE_DATABASE_TYPE=DATABASE_TYPE,
         DEEPFACE_FACE_RECOGNITION_MODELS=MODEL_NAME,
         DEEPFACE_FACE_DETECTION_MODELS=DETECTOR,
         TF_CPP_MIN_LOG_LEVEL="2",
@@ -196,12 +196,6 @@ def _server_environment(home: Path, database_url: str | None, database_type: str
     if database_url is not None:
         env["DEEPFACE_CONNECTION_DETAILS"] = database_url
     return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class DeepfaceApi(NamedTuple):
@@ -217,11 +211,7 @@ class DeepfaceApi(NamedTuple):
 
     def worker_pids(self) -> list[int]:
         """The gunicorn workers (children of the master), which hold the models and serve the requests."""
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        try:
-            return [int(pid) for pid in children.read_text().split()]
-        except OSError:  # the master has exited
-            return []
+        return child_pids(self.process.pid)
 
     def memory_kb(self) -> dict[str, int]:
         """VmRSS and VmHWM of the master and its workers, summed, in KiB (``tools.common.memory_kb`` of each):
@@ -239,36 +229,28 @@ class DeepfaceApi(NamedTuple):
 
 
 @contextmanager
-def running_deepface_api(
-    home: Path,
-    database_url: str | None,
-    port: int | None = None,
-    *,
-    database_type: str = DATABASE_TYPE,
-    ready_timeout_s: float = 300.0,
-    log_path: Path | None = None,
-) -> Iterator[DeepfaceApi]:
+def running_deepface_api(home: Path, database_url: str | None, ready_timeout_s: float = 300.0) -> Iterator[DeepfaceApi]:
     """Runs deepface's API as its scripts do and yields it once it answers ``GET /``; stops it on exit.
 
     ``home`` becomes ``DEEPFACE_HOME`` (seed it with :func:`prepare_deepface_home` first).
-    ``database_url`` is the datastore's connection (a PostgreSQL URI with pgvector for the default
-    ``database_type``); None leaves ``/register`` and ``/search`` answering 500. ``port`` None picks a free
-    one. The worker loads TensorFlow and the Dlib and opencv models before it answers, which takes seconds
-    to a minute on a small machine: ``ready_timeout_s`` bounds that. The server's output goes to
-    ``log_path`` (default ``<home>/deepface_api.log``), never to a pipe that could fill up and block it; its
-    tail is in the error when it fails to start. It runs in its own session so that a Ctrl-C aimed at the
-    caller reaches it only through this context manager's clean stop (SIGTERM, then SIGKILL after 30 s).
+    ``database_url`` is the datastore's connection (a PostgreSQL URI with pgvector); None leaves ``/register``
+    and ``/search`` answering 500. It listens on a free port. The worker loads TensorFlow and the Dlib and
+    opencv models before it answers, which takes seconds to a minute on a small machine: ``ready_timeout_s``
+    bounds that. The server's output goes to ``<home>/deepface_api.log``, never to a pipe that could fill up
+    and block it; its tail is in the error when it fails to start. It runs in its own session so that a
+    Ctrl-C aimed at the caller reaches it only through this context manager's clean stop (SIGTERM, then
+    SIGKILL after 30 s).
     """
     home = Path(home).resolve()
-    port = _free_port() if port is None else port
-    log_path = home / "deepface_api.log" if log_path is None else log_path
+    port = free_port()
+    log_path = home / "deepface_api.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     base_url = f"http://127.0.0.1:{port}"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             gunicorn_command(port),
             cwd=deepface_api_dir(),
-            env=_server_environment(home, database_url, database_type),
+            env=_server_environment(home, database_url),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -312,6 +294,22 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(timeout=10)
 
 
+@contextmanager
+def deepface_api_on_postgres(home: Path, pgdata: Path) -> Iterator[tuple[DeepfaceApi, float]]:
+    """deepface's API on a fresh local PostgreSQL with pgvector (:mod:`tools.local_postgres`, kept in
+    ``pgdata``); yields the running API and its start-up seconds, and stops both on exit."""
+    from tools import local_postgres
+
+    server_uri = local_postgres.start(pgdata, keep_running=False)
+    try:
+        database_url = local_postgres.create_database(server_uri, "deepface_api")
+        launched = time.perf_counter()
+        with running_deepface_api(home, database_url) as api:
+            yield api, round(time.perf_counter() - launched, 2)
+    finally:
+        local_postgres.stop(pgdata)
+
+
 # --- requests ------------------------------------------------------------------------------------------
 Request = tuple[str, dict[str, Any]]
 
@@ -331,18 +329,18 @@ def register_request(name: str, photo: bytes) -> Request:
     }
 
 
-def identify_request(photo: bytes, *, k: int = 5, search_method: str = "ann") -> Request:
+def identify_request(photo: bytes) -> Request:
     """``POST /search``: deepface's 1:N identification, the nearest equivalent of our ``/api/verify``.
 
-    With the default ``search_method="ann"`` deepface asks the vector database: pgvector's HNSW index on
+    With ``search_method="ann"`` deepface asks the vector database: pgvector's HNSW index on
     the raw Dlib embeddings, ``ORDER BY embedding <-> probe LIMIT k`` (Euclidean distance; deepface switches
     the metric to Euclidean for ann on raw vectors). It keeps the neighbours within its fixed Dlib threshold,
-    0.6 for Euclidean (dlib's own), and returns up to ``k`` of them per detected face, nearest first; a face
+    0.6 for Euclidean (dlib's own), and returns up to ``k`` (5) of them per detected face, nearest first; a face
     with none gets no entry at all. ``search_method="exact"`` (deepface's default) would instead fetch every
     stored embedding on each request and compare them in Python with cosine distance (threshold 0.07),
     linear in the gallery and not what a pgvector deployment would use; on pgvector it fails here anyway
     (HTTP 400 "'Vector' object is not iterable": deepface 0.0.103 reads the vectors back with ``list()``,
-    which pgvector-python 0.5's ``Vector`` does not support). ``k=5`` matches our ``top_k`` default. No
+    which pgvector-python 0.5's ``Vector`` does not support). ``k`` 5 matches our ``top_k`` default. No
     threshold can be passed: deepface always uses its table of thresholds per model and metric. See
     :func:`best_match`.
     """
@@ -351,10 +349,10 @@ def identify_request(photo: bytes, *, k: int = 5, search_method: str = "ann") ->
         "data": {
             "model_name": MODEL_NAME,
             "detector_backend": DETECTOR,
-            "search_method": search_method,
+            "search_method": "ann",
             # the metric deepface would switch to anyway (ann on raw vectors), named to spare it the warning
-            "distance_metric": "euclidean" if search_method == "ann" else "cosine",
-            "k": str(k),
+            "distance_metric": "euclidean",
+            "k": "5",
         },
     }
 
@@ -450,17 +448,16 @@ def _unavailable_reason(message: str) -> str:
     return message.strip()[:300]
 
 
-def unavailable_features(base_url: str, photo: bytes | None = None, *, timeout_s: float = 300.0) -> dict[str, str]:
+def unavailable_features(base_url: str, photo: bytes, *, timeout_s: float = 300.0) -> dict[str, str]:
     """Probes deepface's emotion and anti-spoofing once each and returns ``{feature: reason}`` for those
     that do not work here (an empty dict when both do), so that a load test can skip and report them
     instead of timing error responses. ``photo`` must show a face (deepface refuses a photo without one
-    before it reaches the feature); default: the first LFW photo. A spoof verdict counts as working.
+    before it reaches the feature). A spoof verdict counts as working.
 
     Offline, both answer HTTP 400 with a failed download: the emotion model's ``.h5`` weights and
     MiniFASNet's ``.h5`` files (TensorFlow backend) are not seeded by :func:`prepare_deepface_home`, as they
     are not available here; no download is attempted past the server's dead proxy.
     """
-    photo = _lfw_people(1)[0][1][0].read_bytes() if photo is None else photo
     reasons: dict[str, str] = {}
     with httpx.Client(base_url=base_url, timeout=timeout_s) as client:
         for feature, (path, kwargs) in (("emotion", emotion_request(photo)), ("anti_spoof", anti_spoof_request(photo))):
@@ -475,21 +472,6 @@ def unavailable_features(base_url: str, photo: bytes | None = None, *, timeout_s
 
 
 # --- command line --------------------------------------------------------------------------------------
-def _lfw_people(count: int, images: Path = LFW / "images") -> list[tuple[str, list[Path]]]:
-    """The first ``count`` LFW people (folders ``images/<Name>/<Name>_NNNN.jpg``, sorted by name) that have
-    at least two photos: the first is registered, the second is the probe."""
-    people = []
-    for folder in sorted(path for path in images.iterdir() if path.is_dir()):
-        photos = sorted(folder.glob("*.jpg"))
-        if len(photos) >= 2:
-            people.append((folder.name, photos))
-            if len(people) == count:
-                break
-    if len(people) < count:
-        raise SystemExit(f"only {len(people)} people with two photos or more in {images}")
-    return people
-
-
 def main(argv: list[str] | None = None) -> int:
     """Starts a throw-away PostgreSQL with pgvector and deepface's API on it, registers ``--users`` LFW
     people (their first photo), then identifies ``--requests`` second photos of registered people (after
@@ -503,31 +485,28 @@ def main(argv: list[str] | None = None) -> int:
 
     from tools import local_postgres
 
-    people = _lfw_people(args.users)
+    people = lfw_people(args.users)
+    if len(people) < args.users:
+        raise SystemExit(f"only {len(people)} LFW people with two photos or more")
     home = prepare_deepface_home(args.home)
-    with tempfile.TemporaryDirectory(prefix="deepface_pg_") as pgdata:
-        server_uri = local_postgres.start(Path(pgdata), keep_running=False)
-        try:
-            database_url = local_postgres.create_database(server_uri, "deepface_api")
-            launched = time.perf_counter()
-            with running_deepface_api(home, database_url) as api:
-                startup_s = round(time.perf_counter() - launched, 2)
-                gallery = [(name, photos[0].read_bytes()) for name, photos in people]
-                registration = register_gallery(api.base_url, gallery)
-                registered = [person for person in people if person[0] not in registration["failed_names"]]
-                identification = _identify(api.base_url, registered, args.requests)
-                report = {
-                    "users": args.users,
-                    "database": f"{DATABASE_TYPE} (PostgreSQL on a unix socket, {local_postgres.__name__})",
-                    "command": f"cd {deepface_api_dir()} && {shlex.join(gunicorn_command(api.port)[2:])}",
-                    "startup_s": startup_s,
-                    "register": registration,
-                    "identify": identification,
-                    "server_memory_kb": api.memory_kb(),
-                    "unavailable": {} if args.skip_features else unavailable_features(api.base_url, gallery[0][1]),
-                }
-        finally:
-            local_postgres.stop(Path(pgdata))
+    with (
+        tempfile.TemporaryDirectory(prefix="deepface_pg_") as pgdata,
+        deepface_api_on_postgres(home, Path(pgdata)) as (api, startup_s),
+    ):
+        gallery = [(name, photos[0].read_bytes()) for name, photos in people]
+        registration = register_gallery(api.base_url, gallery)
+        registered = [person for person in people if person[0] not in registration["failed_names"]]
+        identification = _identify(api.base_url, registered, args.requests)
+        report = {
+            "users": args.users,
+            "database": f"{DATABASE_TYPE} (PostgreSQL on a unix socket, {local_postgres.__name__})",
+            "command": f"cd {deepface_api_dir()} && {shlex.join(gunicorn_command(api.port)[2:])}",
+            "startup_s": startup_s,
+            "register": registration,
+            "identify": identification,
+            "server_memory_kb": api.memory_kb(),
+            "unavailable": {} if args.skip_features else unavailable_features(api.base_url, gallery[0][1]),
+        }
     print(json.dumps(report, indent=2))
     return 0
 

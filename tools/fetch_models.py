@@ -285,11 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     # Every step runs even when an earlier one failed, and the exports run last for whatever was built: without
     # the anti-spoofing weights the service still serves recognition and emotion (anti-spoofing switched off).
-    for component, step in [*steps(), (None, export_onnx_files)]:
-        if component is None:
-            print("== ONNX exports (the service's default runtime)")
-        else:
-            print(f"== {component.role}: {component.id} ({component.licence})")
+    headed = [(f"{component.role}: {component.id} ({component.licence})", step) for component, step in steps()]
+    for header, step in [*headed, ("ONNX exports (the service's default runtime)", export_onnx_files)]:
+        print(f"== {header}")
         try:
             step(ctx)
         except FetchError as err:
@@ -311,8 +309,9 @@ def export_onnx_files(ctx: FetchContext) -> None:
             keras_path = root / name
             if keras_path.suffix != ".keras" or not keras_path.is_file():
                 continue
-            if is_up_to_date(onnx_path_of(keras_path), keras_path):
-                print(f"{onnx_path_of(keras_path).relative_to(root)} is up to date")
+            export = onnx_path_of(keras_path)
+            if is_up_to_date(export, keras_path):
+                print(f"{export.relative_to(root)} is up to date")
             else:
                 pending.append(keras_path)
     if not pending:

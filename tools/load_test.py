@@ -25,7 +25,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,13 +42,7 @@ from PIL import Image
 from api.config import REPO_ROOT
 from api.main import server_command
 from api.store.npz import NpzFaceStore
-from tools.common import FACEDATA, configured_embedder, memory_kb
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tools.common import FACEDATA, configured_embedder, free_port, memory_kb
 
 
 def jpeg(image: np.ndarray, size: tuple[int, int] | None = None) -> bytes:

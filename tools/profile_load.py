@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         drive(base, verify, 2, 10, "warm-up")
         before = client.get("/metrics").text
         alone = drive(base, verify, 1, args.requests, "verify")
-        report["alone"] = {"rps": alone.row()["rps"], "stage_ms": stage_means(before, client.get("/metrics").text)}
-        batches_before = batch_sizes(client.get("/metrics").text)
+        after_alone = client.get("/metrics").text
+        report["alone"] = {"rps": alone.row()["rps"], "stage_ms": stage_means(before, after_alone)}
+        batches_before = batch_sizes(after_alone)
         server_cpu, client_cpu = cpu_seconds(server.pid), cpu_seconds(os.getpid())
         loaded: dict = {}
         load_s = args.seconds + 3.0  # the profile starts 2 s in and must end before the load does

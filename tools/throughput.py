@@ -21,7 +21,11 @@ says so.
 
 from __future__ import annotations
 
+import json
+import shutil
 import statistics
+import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -33,7 +37,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tools.common import FACEDATA, memory_kb
+from tools.common import FACEDATA, child_pids, lfw_people, memory_kb
+from tools.load_test import probe_photo, running_service
 
 Request = tuple[str, dict]  # (path, keyword arguments of httpx.Client.post)
 ENDPOINTS = ("verify", "emotion", "anti-spoof")
@@ -55,23 +60,25 @@ def lfw_workload(people: int = 1000, probes: int = 100) -> Workload | None:
     images = FACEDATA / "identity" / "lfw" / "images"
     if not images.is_dir() or not REFERENCE_PHOTO.is_file():
         return None
-    folders = [f for f in sorted(images.iterdir()) if len(list(f.glob("*.jpg"))) >= 2][:people]
-    firsts = [sorted(f.glob("*.jpg"))[:2] for f in folders]
-    gallery = [(f.name, pair[0].read_bytes()) for f, pair in zip(folders, firsts, strict=True)]
+    chosen = lfw_people(people, images)
+    gallery = [(name, photos[0].read_bytes()) for name, photos in chosen]
     gallery.append((REFERENCE_NAME, REFERENCE_GALLERY_PHOTO.read_bytes()))
-    step = max(1, len(folders) // probes)
-    checks = [(f.name, pair[1].read_bytes()) for f, pair in list(zip(folders, firsts, strict=True))[::step][:probes]]
-    return Workload(gallery, REFERENCE_PHOTO.read_bytes(), checks, f"LFW: {len(folders)} people + deepface img1/img2")
+    step = max(1, len(chosen) // probes)
+    checks = [(name, photos[1].read_bytes()) for name, photos in chosen[::step][:probes]]
+    return Workload(gallery, REFERENCE_PHOTO.read_bytes(), checks, f"LFW: {len(chosen)} people + deepface img1/img2")
 
 
 @dataclass
 class Level:
     endpoint: str
     concurrency: int
-    requests: int
     seconds: float
     latencies_ms: list[float]
     statuses: Counter[int] = field(default_factory=Counter)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
 
     @property
     def errors(self) -> int:
@@ -105,7 +112,7 @@ def drive(
     path, kwargs = request
     remaining = iter(range(total))
     lock = threading.Lock()
-    level = Level(endpoint, concurrency, total, 0.0, [])
+    level = Level(endpoint, concurrency, 0.0, [])
     deadline = None if for_seconds is None else time.perf_counter() + for_seconds
 
     def client_loop() -> None:
@@ -130,7 +137,6 @@ def drive(
         for future in [pool.submit(client_loop) for _ in range(concurrency)]:
             future.result()
     level.seconds = time.perf_counter() - started
-    level.requests = sum(level.statuses.values())
     return level
 
 
@@ -142,20 +148,15 @@ def process_tree_rss_mb(pid: int) -> float:
         current = pending.pop()
         try:
             total_kb += memory_kb(current)["VmRSS"]
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
         except (OSError, KeyError):
             continue
-        pending.extend(int(child) for child in children)
+        pending.extend(child_pids(current))
     return round(total_kb / 1024, 1)
 
 
 def worker_rss_mb(pid: int) -> list[float]:
     """The resident memory of each worker of a server with a supervisor (``--workers N``), else of the process."""
-    try:
-        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        children = []
-    workers = [c for c in children if _is_python(c)] or [pid]
+    workers = [c for c in child_pids(pid) if _is_python(c)] or [pid]
     return [round(memory_kb(w)["VmRSS"] / 1024, 1) for w in workers]
 
 
@@ -278,7 +279,7 @@ def our_requests(photo: bytes) -> dict[str, Request]:
 
 
 def our_identify(photo: bytes) -> Request:
-    return our_requests(photo)["verify"]
+    return "/api/verify", {"files": {"file": ("photo.jpg", photo, "image/jpeg")}}
 
 
 def our_name(response: httpx.Response) -> str | None:
@@ -302,8 +303,6 @@ def register_with_our_service(base_url: str, gallery: list[tuple[str, bytes]], t
 
 def synthetic_workload(users: int = 1000) -> Workload:
     """Without ../shared: scikit-image's astronaut is the whole gallery, the load and the recognition check."""
-    from tools.load_test import probe_photo
-
     photo = probe_photo()
     gallery = [("astronaut", photo)]
     return Workload(gallery, photo, [("astronaut", photo)], "synthetic: scikit-image's astronaut only (no ../shared)")
@@ -317,36 +316,32 @@ def requests_per_level(concurrency: int, slow: bool = False) -> int:
 def measure_our_service(
     name: str, env: dict[str, str], workers: int, store: Path, workload: Workload, levels: list[int], burst_clients: int
 ) -> dict:
-    from tools.load_test import running_service
-
     result: dict = {"target": name, "workers": workers}
+    requests = our_requests(workload.photo)
     with running_service(workers=workers, FACE_STORE_PATH=str(store), **env) as (server, client, ready_s):
         result["startup_s"] = ready_s
         base = str(client.base_url)
         rss_before = worker_rss_mb(server.pid)
-        result["levels"] = [
-            lv.row() for lv in timed_levels(base, our_requests(workload.photo), levels, requests_per_level)
-        ]
+        result["levels"] = [lv.row() for lv in timed_levels(base, requests, levels, requests_per_level)]
         hits, total = rank1_hits(base, our_identify, our_name, workload.probes)
         result["rank1"] = f"{hits}/{total}"
         result["worker_rss_mb_idle"] = rss_before
         result["worker_rss_mb_after"] = worker_rss_mb(server.pid)
         result["server_rss_mb_after"] = process_tree_rss_mb(server.pid)
         if burst_clients:
-            result["burst"] = burst(base, our_requests(workload.photo)["verify"], burst_clients).row()
+            result["burst"] = burst(base, requests["verify"], burst_clients).row()
     return result
 
 
 def measure_deepface_api(workload: Workload, levels: list[int], workdir: Path) -> dict:
-    from tools import local_postgres
     from tools.deepface_api import (
         anti_spoof_request,
         best_match,
+        deepface_api_on_postgres,
         emotion_request,
         identify_request,
         prepare_deepface_home,
         register_gallery,
-        running_deepface_api,
         unavailable_features,
     )
 
@@ -356,45 +351,31 @@ def measure_deepface_api(workload: Workload, levels: list[int], workdir: Path) -
 
     result: dict = {"target": "deepface API (gunicorn, 1 sync worker, Dlib + opencv, pgvector)", "workers": 1}
     home = prepare_deepface_home(workdir / "deepface_home")
-    pgdata = workdir / "deepface_pg"
-    server_uri = local_postgres.start(pgdata, keep_running=False)
-    try:
-        database_url = local_postgres.create_database(server_uri, "deepface_api")
-        launched = time.perf_counter()
-        with running_deepface_api(home, database_url) as api:
-            result["startup_s"] = round(time.perf_counter() - launched, 2)
-            registration = register_gallery(api.base_url, workload.gallery)
-            result["registered"] = {k: registration[k] for k in ("ok", "failed", "faces", "seconds", "p50_ms")}
-            unavailable = unavailable_features(api.base_url, workload.photo)
-            result["unavailable"] = unavailable
-            requests = {"verify": identify_request(workload.photo)}
-            if "emotion" not in unavailable:
-                requests["emotion"] = emotion_request(workload.photo)
-            if "anti_spoof" not in unavailable:
-                requests["anti-spoof"] = anti_spoof_request(workload.photo)
-            per_level = lambda concurrency: requests_per_level(concurrency, slow=True)  # noqa: E731
-            result["levels"] = [lv.row() for lv in timed_levels(api.base_url, requests, levels, per_level)]
-            hits, total = rank1_hits(api.base_url, identify_request, name_of, workload.probes)
-            result["rank1"] = f"{hits}/{total}"
-            memory = api.memory_kb()
-            result["server_rss_mb_after"] = round(memory["VmRSS"] / 1024, 1)
-            result["worker_rss_mb_after"] = [round(memory_kb(pid)["VmRSS"] / 1024, 1) for pid in api.worker_pids()]
-    finally:
-        local_postgres.stop(pgdata)
+    with deepface_api_on_postgres(home, workdir / "deepface_pg") as (api, startup_s):
+        result["startup_s"] = startup_s
+        registration = register_gallery(api.base_url, workload.gallery)
+        result["registered"] = {k: registration[k] for k in ("ok", "failed", "faces", "seconds", "p50_ms")}
+        unavailable = unavailable_features(api.base_url, workload.photo)
+        result["unavailable"] = unavailable
+        requests = {"verify": identify_request(workload.photo)}
+        if "emotion" not in unavailable:
+            requests["emotion"] = emotion_request(workload.photo)
+        if "anti_spoof" not in unavailable:
+            requests["anti-spoof"] = anti_spoof_request(workload.photo)
+        per_level = lambda concurrency: requests_per_level(concurrency, slow=True)  # noqa: E731
+        result["levels"] = [lv.row() for lv in timed_levels(api.base_url, requests, levels, per_level)]
+        hits, total = rank1_hits(api.base_url, identify_request, name_of, workload.probes)
+        result["rank1"] = f"{hits}/{total}"
+        result["server_rss_mb_after"] = process_tree_rss_mb(api.process.pid)
+        result["worker_rss_mb_after"] = worker_rss_mb(api.process.pid)
     return result
 
 
 def compare_side_by_side(
     levels: list[int], targets: list[str], burst_clients: int, markdown: Path | None, json_path: Path | None
 ) -> dict:
-    """Every target of ``targets`` (on, off, workers2, deepface) on the same workload, one after another."""
-    import json
-    import shutil
-    import sys
-    import tempfile
-
-    from tools.load_test import running_service
-
+    """Every target of ``targets`` (on, off, workers2, before, deepface) on the same workload, one after
+    another."""
     workload = lfw_workload() or synthetic_workload()
     workdir = Path(tempfile.mkdtemp(prefix="face-throughput-"))
     report: dict = {"workload": workload.source, "levels": levels, "gallery": len(workload.gallery), "targets": []}

@@ -14,14 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from api.errors import ModelUnavailableError
 
 Runtime = Literal["onnx", "keras"]
-RUNTIMES: tuple[str, ...] = ("onnx", "keras")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 Network = Callable[[np.ndarray], np.ndarray]
 
 
@@ -29,8 +29,8 @@ def onnx_path_of(keras_path: Path) -> Path:
     return Path(keras_path).with_suffix(".onnx")
 
 
-def onnx_session(model: Path | bytes, threads: int | None = None) -> Any:
-    """An ONNX Runtime session on the CPU for a model file (or a serialized model), with pinned thread pools."""
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime session on the CPU for a model file, with pinned thread pools."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -41,12 +41,12 @@ def onnx_session(model: Path | bytes, threads: int | None = None) -> Any:
     # the threads that decode and detect the next requests.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OnnxNetwork:
-    """One ``.onnx`` file in an ONNX Runtime session (:func:`onnx_session`)."""
+    """One ``.onnx`` file in an ONNX Runtime session (:func:`onnx_session`). Called, it answers the first
+    output; :meth:`outputs` answers all of them by name (a detector's several heads)."""
 
     def __init__(self, path: Path, threads: int | None = None) -> None:
         try:
@@ -54,9 +54,14 @@ class OnnxNetwork:
         except Exception as error:  # a truncated or foreign file: unavailable, never a 500 later
             raise ModelUnavailableError(f"cannot load {path}: {error}; run `make models` again") from error
         self._input = self._session.get_inputs()[0].name
+        self._output_names = [output.name for output in self._session.get_outputs()]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self._session.run(None, {self._input: np.ascontiguousarray(batch, np.float32)})[0]
+        return self._session.run(self._output_names[:1], {self._input: np.ascontiguousarray(batch, np.float32)})[0]
+
+    def outputs(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        values = self._session.run(self._output_names, {self._input: np.ascontiguousarray(batch, np.float32)})
+        return dict(zip(self._output_names, values, strict=True))
 
 
 class KerasNetwork:

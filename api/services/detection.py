@@ -13,6 +13,7 @@ import numpy as np
 from api.config import Settings
 from api.errors import ModelUnavailableError
 from api.ml.registry import YUNET
+from api.ml.yunet import PAD_TO, STRIDES, library_path
 
 # Landmark order used everywhere in the project (image left to right, as YuNet emits them):
 # eye on the image's left, eye on the image's right, nose tip, mouth corner left, mouth corner right.
@@ -175,7 +176,7 @@ class YuNetOnnx:
     """
 
     def __init__(self, path: Path) -> None:
-        from api.ml.runtime import onnx_session
+        from api.ml.runtime import OnnxNetwork
 
         if not Path(path).is_file():
             raise ModelUnavailableError(
@@ -183,19 +184,13 @@ class YuNetOnnx:
                 "weights",
                 path=str(path),
             )
-        try:
-            self._session = onnx_session(Path(path), threads=1)
-        except Exception as error:  # a truncated or foreign file: unavailable, never a 500 later
-            raise ModelUnavailableError(f"cannot load {path}: {error}; run `make models` again") from error
-        self._outputs = [output.name for output in self._session.get_outputs()]
+        self._network = OnnxNetwork(Path(path), threads=1)
 
     def __call__(self, image_rgb: np.ndarray, min_score: float) -> np.ndarray:
-        from api.ml.yunet import PAD_TO, STRIDES
-
         height, width = image_rgb.shape[:2]
         padded = np.zeros((1, 3, -(-height // PAD_TO) * PAD_TO, -(-width // PAD_TO) * PAD_TO), np.float32)
         padded[0, :, :height, :width] = image_rgb.transpose(2, 0, 1)
-        heads = dict(zip(self._outputs, self._session.run(self._outputs, {"image": padded}), strict=True))
+        heads = self._network.outputs(padded)
         floor = max(min_score, LIBRARY_MIN_SCORE)
         rows = np.concatenate([_decode_level(heads, level, stride, floor) for level, stride in enumerate(STRIDES)])
         faces = _suppress(rows)
@@ -256,8 +251,6 @@ def _libfacedetection() -> YuNetBackend:
     The library file is the one the ``yuface`` wheel ships.
     """
     import ctypes
-
-    from api.ml.yunet import library_path
 
     library = ctypes.CDLL(str(library_path()))
     function = library._Z14facedetect_cnnPhS_iii  # facedetect_cnn(uchar* buffer, uchar* bgr, int w, int h, int step)

@@ -113,7 +113,7 @@ def decode_reduced(data: bytes, max_pixels: int = 40_000_000, min_side: int = 0)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if min_side and image.format in ("JPEG", "MPO") and max(width, height) >= 2 * min_side:
+                if reduction > 1:
                     factor = min_side / max(width, height)  # draft picks the smallest size at least this large
                     image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
                 image.load()

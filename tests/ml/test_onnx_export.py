@@ -93,7 +93,7 @@ def test_every_translated_layer_option_matches_keras(tmp_path: Path) -> None:
     assert_same_outputs(path, rng.uniform(0, 255, (5, 23, 17, 3)).astype(np.float32), atol=1e-5)
 
 
-def test_a_layer_without_translation_is_refused(tmp_path: Path) -> None:
+def test_a_layer_without_translation_is_refused() -> None:
     import keras
 
     from api.ml.onnx_export import UnsupportedLayerError, keras_to_onnx
@@ -108,7 +108,7 @@ def test_the_service_runs_its_default_models_without_tensorflow(keras_model_path
     """A worker loads every default model from its ONNX export: TensorFlow is never imported, and the worker
     stays far below the 600 MB the throughput issue allows (it was ~900 MB with TensorFlow)."""
     script = f"""
-import json, sys
+import json, os, sys
 import api
 from api.composition import load_models
 from api.config import Settings
@@ -116,7 +116,7 @@ from tools.common import memory_kb
 models = load_models(Settings(embedding_model_path={str(keras_model_path)!r}))
 heavy = sorted(m for m in ("tensorflow", "keras", "deepface", "tf_keras", "torch", "pandas", "matplotlib")
                if m in sys.modules)
-print(json.dumps({{"heavy": heavy, "rss_mb": memory_kb(__import__("os").getpid())["VmRSS"] / 1024,
+print(json.dumps({{"heavy": heavy, "rss_mb": memory_kb(os.getpid())["VmRSS"] / 1024,
                   "names": models.names}}))
 """
     result = subprocess.run(

@@ -57,11 +57,12 @@ def test_another_layer_table_is_refused() -> None:
         _check_shapes(changed)
 
 
-def test_the_astronaut_at_both_detection_sizes(library, rebuilt: YuNetOnnx, astronaut: np.ndarray) -> None:
+def test_the_astronaut_at_the_detection_sizes(library, rebuilt: YuNetOnnx, astronaut: np.ndarray) -> None:
     for side in (320, 640, 300):
         assert assert_same_faces(library, rebuilt, at_longer_side(astronaut, side)) >= 1
 
 
+@pytest.mark.shared
 def test_photos_of_several_sizes_and_faces(library, rebuilt: YuNetOnnx, shared_dir: Path) -> None:
     photos = sorted((shared_dir / "identity" / "deepface").glob("*.jpg"))
     photos += sorted((shared_dir / "identity" / "lfw" / "images").rglob("*.jpg"))[::97][:40]

@@ -18,18 +18,7 @@ from fastapi.testclient import TestClient
 from api.config import ApiKeyEntry
 from api.deps import get_authenticator, get_rate_limiter
 from api.security import Authenticator, RateLimiter, hash_key
-from tests.helpers import JPEG
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample of the metrics page (0 when absent), read with prometheus-client's parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for found in family.samples:
-            if found.name == name and found.labels == labels:
-                return float(found.value)
-    return 0.0
+from tests.helpers import JPEG, sample
 
 
 def test_metrics_count_requests_by_route_and_time_stages(client: TestClient, astronaut_jpeg: bytes) -> None:

@@ -39,13 +39,13 @@ def make_batcher(model: RecordingModel) -> Callable[..., DynamicBatcher]:
     return make
 
 
-def run_callers(batcher: DynamicBatcher, inputs: list[np.ndarray], announce: bool = True) -> list[np.ndarray]:
+def run_callers(batcher: DynamicBatcher, inputs: list[np.ndarray]) -> list[np.ndarray]:
     """One thread per input, all started together; each announces itself (like a request that decodes first)."""
     results: list[np.ndarray | None] = [None] * len(inputs)
     barrier = threading.Barrier(len(inputs))
 
     def caller(index: int) -> None:
-        with batcher.expecting() if announce else expecting(None):
+        with batcher.expecting():
             barrier.wait()
             time.sleep(0.001 * index)  # they arrive one after another, as requests do
             results[index] = batcher(inputs[index])

@@ -249,15 +249,21 @@ def test_exif_orientation_is_applied(photo: Image.Image, orientation: int, store
 # --- OpenCV's decoding of colour JPEGs: PIL's pixels, faster ----------------------------------------------
 
 
+def _pil_draft(image: Image.Image, min_side: int) -> None:
+    """PIL's reduced decoding of a JPEG asked for a longer side of at least ``min_side`` (0: full size)."""
+    width, height = image.size
+    if min_side and max(width, height) >= 2 * min_side:
+        factor = min_side / max(width, height)
+        image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
+
+
 def _decoded_by_pil(data: bytes, min_side: int) -> tuple[np.ndarray, float]:
     """What PIL alone makes of a JPEG: draft to the reduced size, decode, EXIF transpose."""
     from PIL import ImageOps
 
     with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if min_side and max(width, height) >= 2 * min_side:
-            factor = min_side / max(width, height)
-            image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
+        width = image.size[0]
+        _pil_draft(image, min_side)
         image.load()
         scale = image.size[0] / width
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB")), scale
@@ -288,16 +294,13 @@ def test_progressive_and_other_encodings_decode_to_pils_pixels(photo: Image.Imag
 
 @pytest.mark.parametrize("size", [(1184, 1600), (1600, 1184), (1281, 640), (5000, 3000), (641, 2000), (1279, 1279)])
 def test_the_reduction_is_the_one_pils_draft_picks(size: tuple[int, int]) -> None:
+    data = _encode(Image.new("RGB", size, (90, 120, 150)), "JPEG")
+    width, height = size
     for min_side in (0, 100, 300, 640):
-        with Image.open(io.BytesIO(_encode(Image.new("RGB", size, (90, 120, 150)), "JPEG"))) as image:
-            width, height = size
-            if min_side and max(size) >= 2 * min_side:
-                factor = min_side / max(size)
-                image.draft("RGB", (math.ceil(width * factor), math.ceil(height * factor)))
-            assert image.size == (
-                -(-width // _draft_reduction(width, height, min_side)),
-                -(-height // _draft_reduction(width, height, min_side)),
-            )
+        with Image.open(io.BytesIO(data)) as image:
+            _pil_draft(image, min_side)
+            reduction = _draft_reduction(width, height, min_side)
+            assert image.size == (-(-width // reduction), -(-height // reduction))
 
 
 def test_jpegs_left_to_pil_and_damaged_jpegs_decode_as_pil_decodes_them(photo: Image.Image) -> None:
@@ -321,16 +324,16 @@ def test_every_colour_jpeg_of_shared_decodes_to_pils_pixels(shared_dir: Path) ->
     compared = 0
     for path in sorted([*(shared_dir / "identity").rglob("*.jp*g"), *(shared_dir / "robustness").rglob("*.jp*g")]):
         data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format != "JPEG" or image.mode != "RGB":
+                continue
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                if image.format != "JPEG" or image.mode != "RGB":
-                    continue
-                image.load()
+            full_size = _decoded_by_pil(data, 0)
         except OSError:
             continue  # a cut file: refused by both paths (test_jpegs_left_to_pil_...)
         for min_side in (0, 640):
             decoded = decode_reduced(data, min_side=min_side)
-            expected, scale = _decoded_by_pil(data, min_side)
+            expected, scale = full_size if min_side == 0 else _decoded_by_pil(data, min_side)
             assert decoded.scale == scale and np.array_equal(decoded.pixels, expected), (path, min_side)
         compared += 1
     assert compared > 5000, compared
